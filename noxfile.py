@@ -1,0 +1,39 @@
+"""One session per backend environment; `nox` runs them all.
+
+Each session installs its pinned requirements from backends/<name>.txt, then runs the
+shared test bodies with TRACT_REQUIRE naming the frameworks that must import there (a
+missing one is an error, not a skip).
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+# session name -> (requirements file, frameworks that must import, test files, extra env)
+BACKENDS = {
+    "numpy": ("numpy", "numpy", ["tests/test_core.py", "tests/test_fixtures.py"], {}),
+    "torch": ("torch", "numpy torch", ["tests/test_core.py", "tests/test_torch.py"], {}),
+}
+
+
+def _backend_session(name, requirements, required, tests, env):
+    @nox.session(name=name)
+    def session(s):
+        s.install("-r", f"backends/{requirements}.txt")
+        s.install("--no-deps", "-e", ".")
+        s.run("pytest", *tests, *s.posargs, env={"TRACT_REQUIRE": required, **env})
+
+    return session
+
+
+for _name, (_req, _required, _tests, _env) in BACKENDS.items():
+    globals()[f"session_{_name.replace('-', '_')}"] = _backend_session(
+        _name, _req, _required, _tests, _env
+    )
+
+
+@nox.session
+def lint(s):
+    s.install("-r", "backends/lint.txt")
+    s.run("ruff", "check", ".")

@@ -1,0 +1,32 @@
+"""TrAct: train a vision model's first layer as if its pre-activations were an embedding.
+
+Only the first layer's weight gradient changes (Petersen, Borgelt, Ermon, NeurIPS 2024)::
+
+    dW = G^T X (X^T X / b + lam I)^-1
+
+The core below is written once against the array API and runs on numpy, torch, jax and
+cupy arrays. Framework adapters live in ``tract_core.torch``, ``tract_core.jax``,
+``tract_core.tensorflow``, ``tract_core.keras`` and ``tract_core.flax``; importing this
+package imports none of those frameworks.
+"""
+
+from ._core import (
+    check_lam,
+    conv_output_shape,
+    conv_patches,
+    gram,
+    precondition,
+    precondition_rows,
+    weight_grad,
+)
+
+__all__ = [
+    "check_lam",
+    "conv_output_shape",
+    "conv_patches",
+    "gram",
+    "precondition",
+    "precondition_rows",
+    "weight_grad",
+]
+__version__ = "0.1.0"

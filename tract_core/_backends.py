@@ -1,0 +1,78 @@
+"""Cholesky solves on each array library's own linear algebra.
+
+The array API standard has ``linalg.cholesky`` but no triangular solve, so the one
+operation the core cannot write portably lives here: one small class per library,
+chosen from the array's namespace, importing only what the caller already imported
+(the way einops picks its backends).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import array_api_compat
+
+
+class _Generic:
+    """Any array-API namespace (numpy, cupy, array-api-strict): factor, then two solves."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def spd_solve(self, a, rhs):
+        xp = self.xp
+        finite = xp.all(xp.isfinite(a))
+        if not bool(finite):  # eager libraries only: let NaN/Inf through as NaN
+            return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=array_api_compat.device(rhs))
+        chol = xp.linalg.cholesky(a)
+        # Triangular systems solved as general ones: no triangular solve in the standard.
+        half = xp.linalg.solve(chol, rhs)
+        return xp.linalg.solve(xp.linalg.matrix_transpose(chol), half)
+
+
+class _Torch:
+    def __init__(self, xp):
+        import torch
+
+        self.torch = torch
+
+    def spd_solve(self, a, rhs):
+        torch = self.torch
+        # cholesky_ex never raises nor syncs with the host: failures and NaN/Inf become NaN.
+        chol, info = torch.linalg.cholesky_ex(a)
+        out = torch.cholesky_solve(rhs, chol)
+        failed = (info != 0)[..., None, None]
+        poison = a.sum(dim=(-2, -1), keepdim=True) * 0  # NaN/Inf anywhere in a -> NaN
+        return torch.where(failed, torch.nan, out) + poison
+
+
+class _Jax:
+    def __init__(self, xp):
+        from jax import lax
+
+        self.xp = xp
+        self.lax = lax
+
+    def spd_solve(self, a, rhs):
+        # jnp's Cholesky returns NaN where the factorization fails; that flows on.
+        chol = self.xp.linalg.cholesky(a)
+        solve = self.lax.linalg.triangular_solve
+        half = solve(chol, rhs, left_side=True, lower=True)
+        return solve(chol, half, left_side=True, lower=True, transpose_a=True)
+
+
+@functools.lru_cache(maxsize=None)
+def backend(xp):
+    """The Cholesky-solve backend for array namespace ``xp``.
+
+    A namespace that brings its own ``spd_solve(a, rhs)`` (an adapter's shim for a
+    library outside array-api-compat, such as TensorFlow) is its own backend.
+    """
+    if hasattr(xp, "spd_solve"):
+        return xp
+    if array_api_compat.is_torch_namespace(xp):
+        return _Torch(xp)
+    if array_api_compat.is_jax_namespace(xp):
+        return _Jax(xp)
+    return _Generic(xp)

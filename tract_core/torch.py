@@ -1,0 +1,197 @@
+"""PyTorch adapter: ``wrap(layer)`` gives a layer whose weight gradient is TrAct's.
+
+    >>> import torch, tract_core.torch as tt
+    >>> conv = tt.wrap(torch.nn.Conv2d(3, 16, 3, padding=1), lam=0.1)
+
+How it hooks into autograd: the wrapped forward runs the plain layer's own forward with
+the weight detached, so forward values, input gradients and bias gradients are computed
+by exactly the code the plain layer runs. The output then passes through an identity
+autograd node that owns the weight; its backward receives G = dL/dz and returns TrAct's
+weight gradient computed by :mod:`tract_core`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+import tract_core as _tc
+
+__all__ = ["TrActConv1d", "TrActConv2d", "TrActConv3d", "TrActLinear", "unwrap", "wrap"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvGeometry:
+    """What the backward needs to know about a conv: padding as F.pad takes it, etc."""
+
+    pad: tuple  # F.pad order: last axis first, (lo, hi) each
+    pad_mode: str  # F.pad mode
+    stride: tuple
+    dilation: tuple
+    groups: int
+
+
+def _compute_dtype(*tensors):
+    dtype = torch.result_type(*tensors) if len(tensors) > 1 else tensors[0].dtype
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def _linear_weight_grad(x, grad_z, weight, lam):
+    n, m = weight.shape[1], weight.shape[0]
+    dtype = _compute_dtype(x, grad_z)
+    rows = x.reshape(-1, n).to(dtype)
+    grads = grad_z.reshape(-1, m).to(dtype)
+    return _tc.weight_grad(rows, grads, lam)
+
+
+def _conv_weight_grad(x, grad_z, weight, lam, geometry):
+    g = geometry.groups
+    dtype = _compute_dtype(x, grad_z)
+    x = x.to(dtype)
+    if any(geometry.pad):
+        mode = "constant" if geometry.pad_mode == "zeros" else geometry.pad_mode
+        x = nn.functional.pad(x, geometry.pad, mode=mode)
+    grad_z = grad_z.to(dtype)
+    patches = _tc.conv_patches(x, weight.shape[2:], geometry.stride, geometry.dilation, g)
+    m_g = weight.shape[0] // g
+    b, n_g = patches.shape[1], patches.shape[2]
+    if b >= n_g:
+        # The plain weight gradient from torch's own conv kernel, then one n x n solve.
+        plain = torch.ops.aten.convolution_backward(
+            grad_z, x, weight.to(dtype), None, geometry.stride, [0] * len(geometry.stride),
+            geometry.dilation, False, [0] * len(geometry.stride), g, [False, True, False],
+        )[1]
+        return _tc.precondition(plain.reshape(g, m_g, n_g), _tc.gram(patches), b, lam)
+    # b < n: the b x b push-through form needs G itself, row by row.
+    rows = grad_z.reshape(grad_z.shape[0], g, m_g, -1).permute(1, 0, 3, 2).reshape(g, b, m_g)
+    return _tc.weight_grad(patches, rows, lam)
+
+
+class _TrActWeightGrad(torch.autograd.Function):
+    """Identity on the layer output z; its backward gives the weight TrAct's gradient."""
+
+    @staticmethod
+    def forward(z, weight, x, lam, geometry):
+        return z.view_as(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, weight, x, lam, geometry = inputs
+        ctx.save_for_backward(weight, x)
+        ctx.lam, ctx.geometry = lam, geometry
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        weight, x = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # Our Gram and solve run in float32 or better, whatever autocast says.
+            with torch.autocast(grad_z.device.type, enabled=False):
+                if ctx.geometry is None:
+                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.lam)
+                else:
+                    grad_w = _conv_weight_grad(x, grad_z, weight, ctx.lam, ctx.geometry)
+            grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
+        return grad_z, grad_w, None, None, None
+
+
+class _TrAct:
+    """Mixin: TrAct layers are their plain layer plus ``lam``."""
+
+    lam: float
+
+    def _tract_output(self, z, x, geometry):
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return z
+        return _TrActWeightGrad.apply(z, self.weight, x, self.lam, geometry)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, lam={self.lam}"
+
+
+class TrActLinear(_TrAct, nn.Linear):
+    """``nn.Linear`` with TrAct's weight gradient. x: (..., in_features)."""
+
+    def forward(self, x):
+        z = nn.functional.linear(x, self.weight.detach(), self.bias)
+        return self._tract_output(z, x, None)
+
+
+class _TrActConv(_TrAct):
+    def forward(self, x):
+        z = self._conv_forward(x, self.weight.detach(), self.bias)
+        geometry = _ConvGeometry(
+            pad=tuple(self._reversed_padding_repeated_twice),
+            pad_mode=self.padding_mode,
+            stride=tuple(self.stride),
+            dilation=tuple(self.dilation),
+            groups=self.groups,
+        )
+        return self._tract_output(z, x, geometry)
+
+
+class TrActConv1d(_TrActConv, nn.Conv1d):
+    """``nn.Conv1d`` with TrAct's weight gradient. x: (N, C, L) or (C, L)."""
+
+
+class TrActConv2d(_TrActConv, nn.Conv2d):
+    """``nn.Conv2d`` with TrAct's weight gradient. x: (N, C, H, W) or (C, H, W)."""
+
+
+class TrActConv3d(_TrActConv, nn.Conv3d):
+    """``nn.Conv3d`` with TrAct's weight gradient. x: (N, C, D, H, W) or (C, D, H, W)."""
+
+
+_PLAIN_TO_TRACT = {
+    nn.Linear: TrActLinear,
+    nn.Conv1d: TrActConv1d,
+    nn.Conv2d: TrActConv2d,
+    nn.Conv3d: TrActConv3d,
+}
+_TRACT_TO_PLAIN = {tract: plain for plain, tract in _PLAIN_TO_TRACT.items()}
+
+
+def _rebuild(module, cls):
+    """A new module of class ``cls`` holding the very same Parameter objects."""
+    twin = cls.__new__(cls)
+    # Copy the containers, not their contents: same Parameters, independent registries.
+    twin.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
+                          for k, v in module.__dict__.items()})
+    return twin
+
+
+def wrap(layer: nn.Module, lam: float = 0.1) -> nn.Module:
+    """TrAct twin of ``layer``: same Parameters, state_dict keys and forward.
+
+    Args:
+        layer: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` with any
+            options (stride, padding incl. 'same'/'valid', dilation, groups,
+            padding_mode, bias). A TrAct layer is re-wrapped with the new ``lam``.
+        lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
+
+    Returns:
+        A ``TrActLinear``/``TrActConvNd`` (a subclass of the layer's class) whose
+        ``weight.grad`` after backward is ``G^T X (X^T X / b + lam I)^-1``, reshaped
+        to the weight's shape, with b = batch x output positions (or x tokens).
+    """
+    lam = _tc.check_lam(lam)
+    cls = _PLAIN_TO_TRACT.get(type(layer)) or (type(layer) if type(layer) in _TRACT_TO_PLAIN else None)
+    if cls is None:
+        names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN_TO_TRACT)
+        raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")
+    twin = _rebuild(layer, cls)
+    twin.lam = lam
+    return twin
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain layer (``nn.Linear``/``nn.ConvNd``) of a TrAct layer, same Parameters."""
+    cls = _TRACT_TO_PLAIN.get(type(module))
+    if cls is None:
+        raise TypeError(f"unwrap() takes a layer made by wrap(); got {type(module).__name__}")
+    plain = _rebuild(module, cls)
+    del plain.__dict__["lam"]
+    return plain

@@ -12,7 +12,8 @@ nox.options.error_on_missing_interpreters = True
 
 # session name -> (requirements file, frameworks that must import, test files, extra env)
 BACKENDS = {
-    "numpy": ("numpy", "numpy", ["tests/test_core.py", "tests/test_fixtures.py"], {}),
+    "numpy": ("numpy", "numpy", ["tests/test_core.py", "tests/test_fixtures.py",
+                                 "tests/test_project.py"], {}),
     "torch": ("torch", "numpy torch", ["tests/test_core.py", "tests/test_torch.py"], {}),
 }
 

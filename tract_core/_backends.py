@@ -24,7 +24,8 @@ class _Generic:
         xp = self.xp
         finite = xp.all(xp.isfinite(a))
         if not bool(finite):  # eager libraries only: let NaN/Inf through as NaN
-            return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=array_api_compat.device(rhs))
+            device = array_api_compat.device(rhs)
+            return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=device)
         chol = xp.linalg.cholesky(a)
         # Triangular systems solved as general ones: no triangular solve in the standard.
         half = xp.linalg.solve(chol, rhs)
@@ -62,7 +63,7 @@ class _Jax:
         return solve(chol, half, left_side=True, lower=True, transpose_a=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend(xp):
     """The Cholesky-solve backend for array namespace ``xp``.
 

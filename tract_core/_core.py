@@ -27,7 +27,15 @@ import array_api_compat
 
 from ._backends import backend
 
-__all__ = ["check_lam", "conv_output_shape", "conv_patches", "gram", "precondition", "precondition_rows", "weight_grad"]
+__all__ = [
+    "check_lam",
+    "conv_output_shape",
+    "conv_patches",
+    "gram",
+    "precondition",
+    "precondition_rows",
+    "weight_grad",
+]
 
 
 def check_lam(lam) -> float:
@@ -194,7 +202,7 @@ def conv_patches(x, kernel_size, stride, dilation, groups=1, *, xp=None):
             slice(o * d, o * d + st * (n - 1) + 1, st)
             for o, d, st, n in zip(offsets, dilation, stride, out)
         )
-        taps.append(x[(slice(None), slice(None)) + window])
+        taps.append(x[(slice(None), slice(None), *window)])
     patches = xp.stack(taps, axis=2)  # (N, C, K, *out)
     positions = math.prod(out)
     per_group = channels // groups * len(taps)

@@ -20,7 +20,16 @@ from torch import nn
 
 import tract_core as _tc
 
-__all__ = ["TrActConv1d", "TrActConv2d", "TrActConv3d", "TrActLinear", "unwrap", "wrap"]
+__all__ = [
+    "TrActConv1d",
+    "TrActConv2d",
+    "TrActConv3d",
+    "TrActLinear",
+    "conv",
+    "linear",
+    "unwrap",
+    "wrap",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +37,7 @@ class _ConvGeometry:
     """What the backward needs to know about a conv: padding as F.pad takes it, etc."""
 
     pad: tuple  # F.pad order: last axis first, (lo, hi) each
-    pad_mode: str  # F.pad mode
+    pad_mode: str  # nn.ConvNd padding_mode
     stride: tuple
     dilation: tuple
     groups: int
@@ -98,15 +107,92 @@ class _TrActWeightGrad(torch.autograd.Function):
         return grad_z, grad_w, None, None, None
 
 
+def _tract_output(z, weight, x, lam, geometry):
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return z
+    return _TrActWeightGrad.apply(z, weight, x, lam, geometry)
+
+
+def linear(x, weight, bias=None, *, lam=0.1):
+    """``F.linear`` with TrAct's weight gradient.
+
+    Args:
+        x: (..., n) inputs; every leading position is one row of X.
+        weight: (m, n). bias: (m,) or None.
+        lam: finite float > 0.
+
+    Returns:
+        (..., m), exactly ``F.linear(x, weight, bias)``.
+    """
+    lam = _tc.check_lam(lam)
+    z = nn.functional.linear(x, weight.detach(), bias)
+    return _tract_output(z, weight, x, lam, None)
+
+
+_CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
+
+
+def _per_axis(value, d, name):
+    value = (value,) * d if isinstance(value, int) else tuple(value)
+    if len(value) != d:
+        raise ValueError(f"{name} must be an int or {d} ints, got {value!r}")
+    return value
+
+
+def _resolve_padding(padding, kernel_size, dilation):
+    """(lo, hi) per axis, the way nn.ConvNd resolves 'same' (the odd pixel goes high)."""
+    d = len(kernel_size)
+    if padding == "valid":
+        return ((0, 0),) * d
+    if padding == "same":
+        totals = [dl * (k - 1) for k, dl in zip(kernel_size, dilation)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in _per_axis(padding, d, "padding"))
+
+
+def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+         padding_mode="zeros", lam=0.1):
+    """``F.conv{1,2,3}d`` (with nn.ConvNd's padding modes) and TrAct's weight gradient.
+
+    Args:
+        x: (N, C, *spatial) or unbatched (C, *spatial), 1 to 3 spatial axes.
+        weight: (M, C / groups, *kernel_size). bias: (M,) or None.
+        stride, dilation: int or one per axis. padding: int, one per axis, 'same' or
+            'valid'. padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
+        lam: finite float > 0.
+
+    Returns:
+        (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
+    """
+    lam = _tc.check_lam(lam)
+    d = weight.ndim - 2
+    if d not in _CONV:
+        raise ValueError(f"weight must have shape (M, C/groups, *kernel) with 1-3 spatial "
+                         f"axes, got shape {tuple(weight.shape)}")
+    stride = _per_axis(stride, d, "stride")
+    dilation = _per_axis(dilation, d, "dilation")
+    pads = _resolve_padding(padding, weight.shape[2:], dilation)
+    torch_pad = tuple(p for pair in reversed(pads) for p in pair)  # F.pad order
+    if padding_mode == "zeros":
+        z = _CONV[d](x, weight.detach(), bias, stride, padding, dilation, groups)
+    elif padding_mode in ("reflect", "replicate", "circular"):
+        # As nn.ConvNd does it: pad explicitly, then convolve with no padding.
+        padded = nn.functional.pad(x, torch_pad, mode=padding_mode)
+        z = _CONV[d](padded, weight.detach(), bias, stride, 0, dilation, groups)
+    else:
+        raise ValueError("padding_mode must be 'zeros', 'reflect', 'replicate' or "
+                         f"'circular', got {padding_mode!r}")
+    unbatched = x.ndim == d + 1
+    geometry = _ConvGeometry(torch_pad, padding_mode, stride, dilation, groups)
+    if unbatched:  # The backward sees a batch of one.
+        return _tract_output(z[None], weight, x[None], lam, geometry)[0]
+    return _tract_output(z, weight, x, lam, geometry)
+
+
 class _TrAct:
     """Mixin: TrAct layers are their plain layer plus ``lam``."""
 
     lam: float
-
-    def _tract_output(self, z, x, geometry):
-        if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return z
-        return _TrActWeightGrad.apply(z, self.weight, x, self.lam, geometry)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, lam={self.lam}"
@@ -116,21 +202,14 @@ class TrActLinear(_TrAct, nn.Linear):
     """``nn.Linear`` with TrAct's weight gradient. x: (..., in_features)."""
 
     def forward(self, x):
-        z = nn.functional.linear(x, self.weight.detach(), self.bias)
-        return self._tract_output(z, x, None)
+        return linear(x, self.weight, self.bias, lam=self.lam)
 
 
 class _TrActConv(_TrAct):
     def forward(self, x):
-        z = self._conv_forward(x, self.weight.detach(), self.bias)
-        geometry = _ConvGeometry(
-            pad=tuple(self._reversed_padding_repeated_twice),
-            pad_mode=self.padding_mode,
-            stride=tuple(self.stride),
-            dilation=tuple(self.dilation),
-            groups=self.groups,
-        )
-        return self._tract_output(z, x, geometry)
+        return conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, groups=self.groups,
+                    padding_mode=self.padding_mode, lam=self.lam)
 
 
 class TrActConv1d(_TrActConv, nn.Conv1d):
@@ -178,7 +257,7 @@ def wrap(layer: nn.Module, lam: float = 0.1) -> nn.Module:
         to the weight's shape, with b = batch x output positions (or x tokens).
     """
     lam = _tc.check_lam(lam)
-    cls = _PLAIN_TO_TRACT.get(type(layer)) or (type(layer) if type(layer) in _TRACT_TO_PLAIN else None)
+    cls = type(layer) if type(layer) in _TRACT_TO_PLAIN else _PLAIN_TO_TRACT.get(type(layer))
     if cls is None:
         names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN_TO_TRACT)
         raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")

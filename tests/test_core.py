@@ -1,0 +1,165 @@
+"""The backend-neutral core, one test body per property, run on every array library."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CONV_CASES, LINEAR_CASES, assert_close, case_id, to_numpy
+
+import tract_core as tc
+
+NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def rows_of(case):
+    """(groups, b, n) patches and (groups, b, m) output gradients of a fixture case, numpy."""
+    if case.kind == "linear":
+        n, m = case.x.shape[-1], case.grad_z.shape[-1]
+        return case.x.reshape(1, -1, n), case.grad_z.reshape(1, -1, m)
+    padded = np.pad(case.x, [(0, 0), (0, 0), *case.pads], mode=NP_PAD_MODE[case.padding_mode])
+    patches = tc.conv_patches(padded, case.kernel, case.stride, case.dilation, case.groups)
+    g, m = case.groups, case.grad_z.shape[1]
+    grads = np.moveaxis(case.grad_z, 1, -1).reshape(-1, g, m // g).transpose(1, 0, 2)
+    return patches, grads
+
+
+def asarray(xp, array, dtype=None):
+    return xp.asarray(np.ascontiguousarray(array), dtype=dtype or xp.float64)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES + CONV_CASES, ids=case_id)
+def test_weight_grad_matches_fixture(xp, case):
+    patches, grads = rows_of(case)
+    out = tc.weight_grad(asarray(xp, patches), asarray(xp, grads), case.lam)
+    assert out.dtype == xp.float64
+    # Pixel-range cases with b < n have condition numbers near 1e7: float64 round-off.
+    assert_close(out, case.grad_weight.reshape(out.shape), 1e-9, case.name)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES + CONV_CASES, ids=case_id)
+def test_weight_grad_float32_stays_accurate(xp, case):
+    """Standardized and [0, 255] inputs alike: fp32 within 2e-4 of the float64 result."""
+    patches, grads = rows_of(case)
+    out = tc.weight_grad(asarray(xp, patches, xp.float32), asarray(xp, grads, xp.float32),
+                         case.lam)
+    assert out.dtype == xp.float32
+    assert_close(out, case.grad_weight.reshape(out.shape), 2e-4, case.name)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_patches_reproduce_the_convolution(xp, case):
+    """Rows dotted with the flattened weight give the fixture's forward output."""
+    padded = np.pad(case.x, [(0, 0), (0, 0), *case.pads], mode=NP_PAD_MODE[case.padding_mode])
+    patches = to_numpy(tc.conv_patches(asarray(xp, padded), case.kernel, case.stride,
+                                       case.dilation, case.groups))
+    g, m = case.groups, case.weight.shape[0]
+    z_rows = patches @ np.swapaxes(case.weight.reshape(g, m // g, -1), -1, -2)
+    z = z_rows.transpose(1, 0, 2).reshape(case.x.shape[0], *case.z.shape[2:], m)
+    z = np.moveaxis(z, -1, 1) + (case.bias.reshape(m, *[1] * len(case.kernel))
+                                 if case.has_bias else 0)
+    assert_close(z, case.z, 1e-13, case.name)
+
+
+def test_woodbury_and_gram_forms_agree(xp):
+    """b < n: the b x b forms equal the n x n Gram form (float64, well conditioned)."""
+    rng = np.random.default_rng(1)
+    x, g = rng.standard_normal((3, 5, 12)), rng.standard_normal((3, 5, 4))
+    plain = np.swapaxes(g, -1, -2) @ x
+    gram_form = tc.precondition(asarray(xp, plain), tc.gram(asarray(xp, x)), 5, 0.3)
+    pushed = tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.3)
+    woodbury = tc.precondition_rows(asarray(xp, plain), asarray(xp, x), 0.3)
+    assert_close(pushed, to_numpy(gram_form), 1e-12)
+    assert_close(woodbury, to_numpy(gram_form), 1e-12)
+
+
+def test_precondition_solves_the_system(xp):
+    """precondition(P, K, b, lam) @ (K / b + lam I) == P: the defining equation."""
+    rng = np.random.default_rng(2)
+    x, plain = rng.standard_normal((40, 6)), rng.standard_normal((3, 6))
+    out = to_numpy(tc.precondition(asarray(xp, plain), tc.gram(asarray(xp, x)), 40, 0.1))
+    np.testing.assert_allclose(out @ (x.T @ x / 40 + 0.1 * np.eye(6)), plain, rtol=1e-12,
+                               atol=1e-13)
+
+
+def test_backends_agree_to_float64_roundoff():
+    """numpy, torch and jax arrays give the same weight gradient (1e-9, issue 2)."""
+    rng = np.random.default_rng(3)
+    results = []
+    for shape in [((64, 10), (64, 3)), ((7, 10), (7, 3))]:
+        x, g = rng.standard_normal(shape[0]) * 50, rng.standard_normal(shape[1])
+        results.append([tc.weight_grad(x, g, 0.1)])
+        for name in ("torch", "jax"):
+            try:
+                factory = __import__("conftest").XP_FACTORIES[name]
+                xp = factory()
+            except pytest.skip.Exception:
+                continue
+            results[-1].append(to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1)))
+    for group in results:
+        for other in group[1:]:
+            np.testing.assert_allclose(other, group[0], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("lam", [0, 0.0, -0.1, float("nan"), float("inf"), True, "0.1", None,
+                                 np.array([0.1, 0.2])])
+def test_bad_lam_raises_value_error_naming_lam(xp, lam):
+    x = asarray(xp, np.ones((4, 2)))
+    with pytest.raises(ValueError, match="lam"):
+        tc.weight_grad(x, x, lam)
+    with pytest.raises(ValueError, match="lam"):
+        tc.check_lam(lam)
+
+
+def test_numpy_scalar_lam_is_accepted():
+    assert tc.check_lam(np.float32(0.25)) == 0.25
+    assert tc.check_lam(1) == 1.0
+
+
+def test_shape_and_dtype_errors_name_the_argument(xp):
+    x = asarray(xp, np.ones((4, 3)))
+    with pytest.raises(ValueError, match="grad_z"):
+        tc.weight_grad(x, asarray(xp, np.ones((5, 2))))
+    with pytest.raises(ValueError, match="grad_z"):
+        tc.weight_grad(x, asarray(xp, np.ones((2, 4, 2))))
+    with pytest.raises(ValueError, match="x must"):
+        tc.weight_grad(asarray(xp, np.ones(4)), asarray(xp, np.ones(4)))
+    with pytest.raises(TypeError, match="dtype"):
+        tc.weight_grad(x, asarray(xp, np.ones((4, 2)), xp.float32))
+    with pytest.raises(TypeError, match="floating"):
+        tc.weight_grad(asarray(xp, np.ones((4, 3)), xp.int64), asarray(xp, np.ones((4, 2)),
+                                                                       xp.int64))
+
+
+@pytest.mark.parametrize("b", [40, 3])
+def test_low_precision_accumulates_in_float32(xp, b):
+    """float16 in, float16 out; computed in float32, so close to the float64 result."""
+    rng = np.random.default_rng(4)
+    x, g = rng.standard_normal((b, 6)), rng.standard_normal((b, 2))
+    out = tc.weight_grad(asarray(xp, x, xp.float16), asarray(xp, g, xp.float16), 0.1)
+    assert out.dtype == xp.float16
+    x16, g16 = x.astype(np.float16).astype(float), g.astype(np.float16).astype(float)
+    expected = g16.T @ x16 @ np.linalg.inv(x16.T @ x16 / b + 0.1 * np.eye(6))
+    assert_close(out, expected, 2e-3)
+
+
+@pytest.mark.parametrize("b", [40, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_flow_through_as_nan(xp, b, bad):
+    """Loss scalers need NaN/Inf gradients back, never an exception."""
+    rng = np.random.default_rng(5)
+    x, g = rng.standard_normal((b, 6)), rng.standard_normal((b, 2))
+    x[1, 2] = bad
+    out = to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1))
+    assert np.isnan(out).any() and not np.isfinite(out).all()
+    g[0, 0], x[1, 2] = bad, 0.0
+    out = to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1))
+    assert not np.isfinite(out).all()
+
+
+def test_importing_the_core_imports_no_framework():
+    code = ("import sys, tract_core; "
+            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

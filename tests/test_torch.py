@@ -1,0 +1,255 @@
+"""PyTorch adapter: wrapped layers against the float64 fixtures and the plain layers."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+from conftest import CASES, assert_close, case_id, need
+
+torch = need("torch")
+nn = torch.nn
+tt = pytest.importorskip("tract_core.torch")
+
+CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+
+
+def plain_layer(case, dtype=torch.float64):
+    """The plain torch layer a fixture case describes, with the case's parameters."""
+    if case.kind == "linear":
+        layer = nn.Linear(case.x.shape[-1], case.grad_z.shape[-1], bias=case.has_bias)
+    else:
+        padding = case.padding if isinstance(case.padding, str) else tuple(case.padding)
+        layer = CONV_CLASSES[case.kind](
+            case.x.shape[1], case.weight.shape[0], tuple(case.kernel), stride=tuple(case.stride),
+            padding=padding, dilation=tuple(case.dilation), groups=case.groups,
+            padding_mode=case.padding_mode, bias=case.has_bias)
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(case.weight))
+        if case.has_bias:
+            layer.bias.copy_(torch.from_numpy(case.bias))
+    return layer
+
+
+def run(layer, case, dtype=torch.float64):
+    """Forward and backward with the case's output gradient; returns z, x.grad."""
+    x = torch.tensor(case.x, dtype=dtype, requires_grad=True)
+    z = layer(x)
+    z.backward(torch.tensor(case.grad_z, dtype=z.dtype))
+    return z.detach(), x.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_wrapped_layer_matches_fixture_float64(case):
+    layer = tt.wrap(plain_layer(case), lam=case.lam)
+    z, grad_x = run(layer, case)
+    assert_close(z, case.z, 1e-12, "z")
+    assert_close(grad_x, case.grad_x, 1e-12, "grad_x")
+    assert_close(layer.weight.grad, case.grad_weight, 1e-9, "grad_weight")
+    if case.has_bias:
+        assert_close(layer.bias.grad, case.grad_bias, 1e-12, "grad_bias")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case):
+    plain = plain_layer(case, torch.float32)
+    z_plain, grad_x_plain = run(plain, case, torch.float32)
+    bias_grad_plain = plain.bias.grad.clone() if case.has_bias else None
+    plain.zero_grad(set_to_none=True)
+    wrapped = tt.wrap(plain, lam=case.lam)
+    z, grad_x = run(wrapped, case, torch.float32)
+    assert torch.equal(z, z_plain)
+    assert torch.equal(grad_x, grad_x_plain)
+    if case.has_bias:
+        assert torch.equal(wrapped.bias.grad, bias_grad_plain)
+    assert wrapped.weight.grad.dtype == torch.float32
+    assert_close(wrapped.weight.grad, case.grad_weight, 2e-4, "grad_weight")
+
+
+def test_official_example_numbers():
+    """The printed numbers of the official TrActLinear / conv example (shared/reference)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 8), torch.randn(30, 5)
+    layer = tt.wrap(nn.Linear(8, 5), lam=0.1)
+    (y - layer(x)).pow(2).mean().backward()
+    np.testing.assert_allclose(layer.weight.grad[0], [0.0741, 0.0949, -0.0559, -0.0398,
+                                                      -0.1364, 0.0013, 0.1603, -0.0468],
+                               atol=6e-5)
+    np.testing.assert_allclose(layer.weight.grad[4], [0.1438, -0.0729, -0.0261, -0.1015,
+                                                      -0.0902, 0.1821, -0.1520, 0.0950],
+                               atol=6e-5)
+    np.testing.assert_allclose(layer.bias.grad, [-0.1162, 0.1062, -0.1275, -0.0206, -0.1149],
+                               atol=6e-5)
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 2, 6, 4), torch.randn(30, 5, 4, 2)
+    conv = tt.wrap(nn.Conv2d(2, 5, 3), lam=0.1)
+    (y - conv(x)).pow(2).mean().backward()
+    np.testing.assert_allclose(conv.bias.grad, [0.0052, -0.0397, 0.1093, 0.0464, -0.1079],
+                               atol=6e-5)
+    np.testing.assert_allclose(conv.weight.grad[0, 0], [[-0.0501, -0.0166, 0.0214],
+                                                        [-0.0230, 0.0324, 0.0655],
+                                                        [0.0010, 0.0600, 0.0290]], atol=6e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(4, 3), lambda: nn.Conv2d(2, 3, 3),
+                                  lambda: nn.Conv1d(2, 4, 3, groups=2, bias=False),
+                                  lambda: nn.Conv3d(1, 2, 2, padding_mode="circular", padding=1)])
+def test_same_parameters_and_state_dict_both_ways(make):
+    plain = make()
+    wrapped = tt.wrap(plain, lam=0.2)
+    assert wrapped.weight is plain.weight and wrapped.bias is plain.bias
+    assert isinstance(wrapped, type(plain)) and wrapped.lam == 0.2
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    other = make()
+    wrapped.load_state_dict(other.state_dict())
+    assert torch.equal(plain.weight, other.weight)  # same Parameter objects
+    torch.nn.init.normal_(wrapped.weight)
+    fresh = make()
+    fresh.load_state_dict(wrapped.state_dict())
+    assert torch.equal(fresh.weight, wrapped.weight)
+    back = tt.unwrap(wrapped)
+    assert type(back) is type(plain) and back.weight is plain.weight
+    assert not hasattr(back, "lam")
+    assert tt.wrap(wrapped, lam=0.05).lam == 0.05 and wrapped.lam == 0.2
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM(3, 4), nn.ConvTranspose2d(2, 3, 3),
+                                   nn.Sequential(nn.Linear(2, 2)), nn.Bilinear(2, 2, 2),
+                                   nn.LazyLinear(3)], ids=lambda m: type(m).__name__)
+def test_unsupported_layers_raise_type_error(layer):
+    with pytest.raises(TypeError, match=r"nn\.Linear, nn\.Conv1d, nn\.Conv2d, nn\.Conv3d"):
+        tt.wrap(layer)
+    with pytest.raises(TypeError, match="unwrap"):
+        tt.unwrap(layer)
+
+
+@pytest.mark.parametrize("lam", [0, -1.0, float("nan"), float("inf"), "0.1", None])
+def test_bad_lam_raises_value_error(lam):
+    with pytest.raises(ValueError, match="lam"):
+        tt.wrap(nn.Linear(2, 2), lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tt.conv(torch.ones(1, 1, 3), torch.ones(1, 1, 2), lam=lam)
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = tt.wrap(nn.Conv2d(1, 4, 3, padding=1), lam=0.1)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv1(x)).flatten(1))
+
+
+def grads_of(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_save_deepcopy_and_to_keep_tract():
+    torch.manual_seed(0)
+    model, x = SmallNet(), torch.randn(5, 1, 6, 6)
+    reference = grads_of(model, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(model)
+    for other in (loaded, copied):
+        assert isinstance(other.conv1, tt.TrActConv2d) and other.conv1.lam == 0.1
+        for got, want in zip(grads_of(other, x), reference):
+            assert torch.equal(got, want)
+    model64 = copied.to(torch.float64)
+    got = grads_of(model64, x.double())
+    assert got[0].dtype == torch.float64
+    assert_close(got[0], reference[0].double().numpy(), 1e-5)
+
+
+def test_state_dict_checkpoint_loads_into_plain_model():
+    torch.manual_seed(0)
+    model = SmallNet()
+    plain = SmallNet()
+    plain.conv1 = tt.unwrap(plain.conv1)
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.conv1.weight, model.conv1.weight)
+
+
+def test_autocast_bfloat16_is_accurate():
+    """bf16 autocast on CPU: the Gram and solve still run in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    layer = tt.wrap(nn.Conv2d(3, 8, 3, padding=1), lam=0.1)
+    z_grad = torch.randn(16, 8, 8, 8)
+    layer(x).backward(z_grad)
+    reference = layer.weight.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(x)
+        assert z.dtype == torch.bfloat16
+        z.backward(z_grad.bfloat16())  # backward inside autocast too
+    assert layer.weight.grad.dtype == torch.float32
+    assert_close(layer.weight.grad, reference.numpy(), 2e-2)
+
+
+def test_bfloat16_parameters():
+    torch.manual_seed(0)
+    layer = tt.wrap(nn.Linear(6, 3), lam=0.1)
+    x, g = torch.randn(50, 6), torch.randn(50, 3)
+    expected = (g.T @ x @ torch.linalg.inv(x.T @ x / 50 + 0.1 * torch.eye(6))).double().numpy()
+    layer = layer.to(torch.bfloat16)
+    layer(x.bfloat16()).backward(g.bfloat16())
+    assert layer.weight.grad.dtype == torch.bfloat16
+    assert_close(layer.weight.grad.float(), expected, 2e-2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("batch", [8, 1])
+def test_nan_inf_flow_through(bad, batch):
+    layer = tt.wrap(nn.Conv2d(3, 4, 3), lam=0.1)
+    x = torch.randn(batch, 3, 5, 5)
+    x[0, 1, 2, 2] = bad
+    layer(x).sum().backward()
+    assert torch.isnan(layer.weight.grad).any()
+
+
+def test_channels_last_unbatched_and_no_grad():
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 4, 3, padding="same")
+    wrapped = tt.wrap(plain, lam=0.1)
+    x = torch.randn(4, 3, 6, 6)
+    wrapped(x).sum().backward()
+    reference = plain.weight.grad.clone()
+    plain.zero_grad(set_to_none=True)
+    wrapped(x.to(memory_format=torch.channels_last)).sum().backward()
+    torch.testing.assert_close(plain.weight.grad, reference, rtol=1e-5, atol=1e-6)
+    plain.zero_grad(set_to_none=True)
+    wrapped(x[0]).sum().backward()  # unbatched input: one image's rows
+    single = plain.weight.grad.clone()
+    plain.zero_grad(set_to_none=True)
+    wrapped(x[:1]).sum().backward()
+    torch.testing.assert_close(single, plain.weight.grad)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), plain(x))
+    plain.weight.requires_grad_(False)
+    wrapped(x.requires_grad_()).sum().backward()  # frozen weight: input grads only
+    assert x.grad is not None
+
+
+def test_functional_conv_equals_module():
+    torch.manual_seed(0)
+    layer = tt.wrap(nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"))
+    x = torch.randn(3, 2, 12)
+    layer(x).sum().backward()
+    expected = layer.weight.grad.clone()
+    weight = layer.weight.detach().clone().requires_grad_()
+    z = tt.conv(x, weight, layer.bias, stride=2, padding=2, dilation=2,
+                padding_mode="reflect", lam=0.1)
+    assert torch.equal(z, layer(x))
+    z.sum().backward()
+    assert torch.equal(weight.grad, expected)
+    with pytest.raises(ValueError, match="padding_mode"):
+        tt.conv(x, weight, padding_mode="mirror")
+    with pytest.raises(ValueError, match="stride"):
+        tt.conv(x, weight, stride=(1, 2))

@@ -163,3 +163,43 @@ def test_importing_the_core_imports_no_framework():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_gram_equals_gram_of_patches(xp, case):
+    """The structured Gram (phases, shifts, frame) is the Gram of the extracted patches."""
+    padded = np.pad(case.x, [(0, 0), (0, 0), *case.pads], mode=NP_PAD_MODE[case.padding_mode])
+    args = (case.kernel, case.stride, case.dilation, case.groups)
+    structured = tc.conv_gram(asarray(xp, padded), *args)
+    patches = rows_of(case)[0]
+    assert_close(structured, np.swapaxes(patches, -1, -2) @ patches, 1e-13, case.name)
+
+
+def random_geometries(count, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        d = int(rng.integers(1, 4))
+        kernel = tuple(int(k) for k in rng.integers(1, 6, d))
+        stride = tuple(int(s) for s in rng.integers(1, 4, d))
+        dilation = tuple(int(v) for v in rng.integers(1, 3, d))
+        groups = int(rng.choice([1, 2]))
+        spatial = tuple(min(int((k - 1) * dl + 1 + rng.integers(0, 12)), 14 if d < 3 else 8)
+                        for k, dl in zip(kernel, dilation))
+        spatial = tuple(max(s, (k - 1) * dl + 1) for s, k, dl in zip(spatial, kernel, dilation))
+        yield rng.standard_normal((2, 2 * groups, *spatial)), kernel, stride, dilation, groups
+
+
+def test_conv_gram_on_random_geometries():
+    """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups."""
+    for x, kernel, stride, dilation, groups in random_geometries(150, seed=6):
+        patches = tc.conv_patches(x, kernel, stride, dilation, groups)
+        expected = np.swapaxes(patches, -1, -2) @ patches
+        got = tc.conv_gram(x, kernel, stride, dilation, groups)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max(),
+                                   err_msg=f"{kernel} {stride} {dilation} {groups} {x.shape}")
+
+
+def test_wide_gram_is_blocked_but_exact(xp):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((50, 700))
+    assert_close(tc.gram(asarray(xp, x)), x.T @ x, 1e-14)

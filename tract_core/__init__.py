@@ -12,6 +12,7 @@ package imports none of those frameworks.
 
 from ._core import (
     check_lam,
+    conv_gram,
     conv_output_shape,
     conv_patches,
     gram,
@@ -22,6 +23,7 @@ from ._core import (
 
 __all__ = [
     "check_lam",
+    "conv_gram",
     "conv_output_shape",
     "conv_patches",
     "gram",

@@ -43,20 +43,59 @@ class _ConvGeometry:
     groups: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """TrAct's settings for one call: lam and how statistics are shared across replicas."""
+
+    lam: float
+    sync: bool = False
+    group: object = None  # torch.distributed process group; None: the default group
+
+
 def _compute_dtype(*tensors):
     dtype = torch.result_type(*tensors) if len(tensors) > 1 else tensors[0].dtype
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
-def _linear_weight_grad(x, grad_z, weight, lam):
+def _syncing(options):
+    return (options.sync and torch.distributed.is_available()
+            and torch.distributed.is_initialized())
+
+
+def _precondition(plain, gram, rows, options):
+    """plain (gram_all / b_all + lam I)^-1, summing gram and b over replicas if syncing.
+
+    With every replica's gradient preconditioned by the global statistics, the usual
+    gradient averaging yields exactly the single-device full-batch TrAct gradient.
+    """
+    count = rows
+    if _syncing(options):
+        count = torch.tensor(float(rows), dtype=gram.dtype, device=gram.device)
+        torch.distributed.all_reduce(gram, group=options.group)
+        torch.distributed.all_reduce(count, group=options.group)
+    return _tc.precondition(plain, gram, count, options.lam)
+
+
+def _linear_weight_grad(x, grad_z, weight, options):
     n, m = weight.shape[1], weight.shape[0]
     dtype = _compute_dtype(x, grad_z)
     rows = x.reshape(-1, n).to(dtype)
     grads = grad_z.reshape(-1, m).to(dtype)
-    return _tc.weight_grad(rows, grads, lam)
+    if rows.shape[0] < n and not _syncing(options):
+        return _tc.weight_grad(rows, grads, options.lam)  # b x b push-through form
+    return _precondition(grads.T @ rows, _tc.gram(rows), rows.shape[0], options)
 
 
-def _conv_weight_grad(x, grad_z, weight, lam, geometry):
+def _correlate(g, y, kernel_shape):
+    """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u], by torch's conv weight-grad kernel."""
+    d = len(kernel_shape)
+    weight = g.new_empty(1).expand(g.shape[1], y.shape[1], *kernel_shape)
+    return torch.ops.aten.convolution_backward(
+        g, y, weight, None, [1] * d, [0] * d, [1] * d, False, [0] * d, 1,
+        [False, True, False])[1]
+
+
+def _conv_weight_grad(x, grad_z, weight, options, geometry):
     g = geometry.groups
     dtype = _compute_dtype(x, grad_z)
     x = x.to(dtype)
@@ -64,33 +103,36 @@ def _conv_weight_grad(x, grad_z, weight, lam, geometry):
         mode = "constant" if geometry.pad_mode == "zeros" else geometry.pad_mode
         x = nn.functional.pad(x, geometry.pad, mode=mode)
     grad_z = grad_z.to(dtype)
-    patches = _tc.conv_patches(x, weight.shape[2:], geometry.stride, geometry.dilation, g)
-    m_g = weight.shape[0] // g
-    b, n_g = patches.shape[1], patches.shape[2]
-    if b >= n_g:
-        # The plain weight gradient from torch's own conv kernel, then one n x n solve.
-        plain = torch.ops.aten.convolution_backward(
-            grad_z, x, weight.to(dtype), None, geometry.stride, [0] * len(geometry.stride),
-            geometry.dilation, False, [0] * len(geometry.stride), g, [False, True, False],
-        )[1]
-        return _tc.precondition(plain.reshape(g, m_g, n_g), _tc.gram(patches), b, lam)
-    # b < n: the b x b push-through form needs G itself, row by row.
-    rows = grad_z.reshape(grad_z.shape[0], g, m_g, -1).permute(1, 0, 3, 2).reshape(g, b, m_g)
-    return _tc.weight_grad(patches, rows, lam)
+    kernel_size = weight.shape[2:]
+    m_g, n_g = weight.shape[0] // g, weight[0].numel()
+    b = grad_z.shape[0] * grad_z[0, 0].numel()
+    if b < n_g and not _syncing(options):
+        # The b x b push-through form needs G itself, row by row.
+        patches = _tc.conv_patches(x, kernel_size, geometry.stride, geometry.dilation, g)
+        rows = grad_z.reshape(grad_z.shape[0], g, m_g, -1).permute(1, 0, 3, 2)
+        return _tc.weight_grad(patches, rows.reshape(g, b, m_g), options.lam)
+    # The plain weight gradient from torch's own conv kernel, then one n x n solve.
+    d = len(geometry.stride)
+    plain = torch.ops.aten.convolution_backward(
+        grad_z, x, weight.to(dtype), None, geometry.stride, [0] * d, geometry.dilation,
+        False, [0] * d, g, [False, True, False])[1]
+    gram = _tc.conv_gram(x, kernel_size, geometry.stride, geometry.dilation, g,
+                         correlate=_correlate)
+    return _precondition(plain.reshape(g, m_g, n_g), gram, b, options)
 
 
 class _TrActWeightGrad(torch.autograd.Function):
     """Identity on the layer output z; its backward gives the weight TrAct's gradient."""
 
     @staticmethod
-    def forward(z, weight, x, lam, geometry):
+    def forward(z, weight, x, options, geometry):
         return z.view_as(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, weight, x, lam, geometry = inputs
+        _, weight, x, options, geometry = inputs
         ctx.save_for_backward(weight, x)
-        ctx.lam, ctx.geometry = lam, geometry
+        ctx.options, ctx.geometry = options, geometry
 
     @staticmethod
     def backward(ctx, grad_z):
@@ -100,33 +142,40 @@ class _TrActWeightGrad(torch.autograd.Function):
             # Our Gram and solve run in float32 or better, whatever autocast says.
             with torch.autocast(grad_z.device.type, enabled=False):
                 if ctx.geometry is None:
-                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.lam)
+                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
                 else:
-                    grad_w = _conv_weight_grad(x, grad_z, weight, ctx.lam, ctx.geometry)
+                    grad_w = _conv_weight_grad(x, grad_z, weight, ctx.options, ctx.geometry)
             grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
         return grad_z, grad_w, None, None, None
 
 
-def _tract_output(z, weight, x, lam, geometry):
+def _tract_output(z, weight, x, options, geometry):
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return z
-    return _TrActWeightGrad.apply(z, weight, x, lam, geometry)
+    return _TrActWeightGrad.apply(z, weight, x, options, geometry)
 
 
-def linear(x, weight, bias=None, *, lam=0.1):
+def _options(lam, sync, process_group):
+    return _Options(_tc.check_lam(lam), bool(sync), process_group)
+
+
+def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
     """``F.linear`` with TrAct's weight gradient.
 
     Args:
         x: (..., n) inputs; every leading position is one row of X.
         weight: (m, n). bias: (m,) or None.
         lam: finite float > 0.
+        sync: all-reduce the Gram and row count over ``process_group`` (default: the
+            world) in backward when torch.distributed is initialized, so that averaged
+            replica gradients equal the full-batch TrAct gradient.
 
     Returns:
         (..., m), exactly ``F.linear(x, weight, bias)``.
     """
-    lam = _tc.check_lam(lam)
+    options = _options(lam, sync, process_group)
     z = nn.functional.linear(x, weight.detach(), bias)
-    return _tract_output(z, weight, x, lam, None)
+    return _tract_output(z, weight, x, options, None)
 
 
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
@@ -151,7 +200,7 @@ def _resolve_padding(padding, kernel_size, dilation):
 
 
 def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-         padding_mode="zeros", lam=0.1):
+         padding_mode="zeros", lam=0.1, sync=False, process_group=None):
     """``F.conv{1,2,3}d`` (with nn.ConvNd's padding modes) and TrAct's weight gradient.
 
     Args:
@@ -159,12 +208,12 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         weight: (M, C / groups, *kernel_size). bias: (M,) or None.
         stride, dilation: int or one per axis. padding: int, one per axis, 'same' or
             'valid'. padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
-        lam: finite float > 0.
+        lam: finite float > 0. sync, process_group: as for :func:`linear`.
 
     Returns:
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
     """
-    lam = _tc.check_lam(lam)
+    options = _options(lam, sync, process_group)
     d = weight.ndim - 2
     if d not in _CONV:
         raise ValueError(f"weight must have shape (M, C/groups, *kernel) with 1-3 spatial "
@@ -182,34 +231,38 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     else:
         raise ValueError("padding_mode must be 'zeros', 'reflect', 'replicate' or "
                          f"'circular', got {padding_mode!r}")
-    unbatched = x.ndim == d + 1
     geometry = _ConvGeometry(torch_pad, padding_mode, stride, dilation, groups)
-    if unbatched:  # The backward sees a batch of one.
-        return _tract_output(z[None], weight, x[None], lam, geometry)[0]
-    return _tract_output(z, weight, x, lam, geometry)
+    if x.ndim == d + 1:  # unbatched: the backward sees a batch of one
+        return _tract_output(z[None], weight, x[None], options, geometry)[0]
+    return _tract_output(z, weight, x, options, geometry)
 
 
 class _TrAct:
-    """Mixin: TrAct layers are their plain layer plus ``lam``."""
+    """Mixin: TrAct layers are their plain layer plus ``lam``, ``sync``, ``process_group``."""
 
     lam: float
+    sync: bool = False
+    process_group: object = None
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, lam={self.lam}"
+        return f"{super().extra_repr()}, lam={self.lam}" + (", sync=True" if self.sync else "")
+
+    def _tract_kwargs(self):
+        return {"lam": self.lam, "sync": self.sync, "process_group": self.process_group}
 
 
 class TrActLinear(_TrAct, nn.Linear):
     """``nn.Linear`` with TrAct's weight gradient. x: (..., in_features)."""
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias, lam=self.lam)
+        return linear(x, self.weight, self.bias, **self._tract_kwargs())
 
 
 class _TrActConv(_TrAct):
     def forward(self, x):
         return conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
                     dilation=self.dilation, groups=self.groups,
-                    padding_mode=self.padding_mode, lam=self.lam)
+                    padding_mode=self.padding_mode, **self._tract_kwargs())
 
 
 class TrActConv1d(_TrActConv, nn.Conv1d):
@@ -242,7 +295,8 @@ def _rebuild(module, cls):
     return twin
 
 
-def wrap(layer: nn.Module, lam: float = 0.1) -> nn.Module:
+def wrap(layer: nn.Module, lam: float = 0.1, sync: bool = False,
+         process_group=None) -> nn.Module:
     """TrAct twin of ``layer``: same Parameters, state_dict keys and forward.
 
     Args:
@@ -250,6 +304,12 @@ def wrap(layer: nn.Module, lam: float = 0.1) -> nn.Module:
             options (stride, padding incl. 'same'/'valid', dilation, groups,
             padding_mode, bias). A TrAct layer is re-wrapped with the new ``lam``.
         lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
+        sync: with data parallelism (DDP, FSDP), all-reduce the n x n Gram and the row
+            count over ``process_group`` (default: the world) inside backward, like
+            SyncBatchNorm, so that the averaged gradient equals the single-device
+            full-batch TrAct gradient. Needs torch.distributed initialized; without it,
+            or with ``sync=False``, each replica uses its own rows' statistics.
+        process_group: the group to reduce over when ``sync``.
 
     Returns:
         A ``TrActLinear``/``TrActConvNd`` (a subclass of the layer's class) whose
@@ -262,7 +322,7 @@ def wrap(layer: nn.Module, lam: float = 0.1) -> nn.Module:
         names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN_TO_TRACT)
         raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")
     twin = _rebuild(layer, cls)
-    twin.lam = lam
+    twin.lam, twin.sync, twin.process_group = lam, bool(sync), process_group
     return twin
 
 
@@ -272,5 +332,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     if cls is None:
         raise TypeError(f"unwrap() takes a layer made by wrap(); got {type(module).__name__}")
     plain = _rebuild(module, cls)
-    del plain.__dict__["lam"]
+    for name in ("lam", "sync", "process_group"):
+        plain.__dict__.pop(name, None)
     return plain

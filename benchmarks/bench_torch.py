@@ -1,0 +1,111 @@
+"""First-layer cost of TrAct vs the plain layer in PyTorch, measured side by side.
+
+    python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--quick]
+
+Each case times forward + backward of the first layer alone (its input needs no gradient,
+as for a stem), plain and TrAct interleaved in one process, and prints the ratio of the
+minimum times. Peak memory is the growth of the process's peak RSS during one
+forward+backward, each variant in a fresh subprocess.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import tract_core.torch as tt
+
+# name: (layer factory, input shape)
+CASES = {
+    "cifar_stem_3x3": (lambda: nn.Conv2d(3, 64, 3, padding=1), (128, 3, 32, 32)),
+    "imagenet_stem_7x7s2": (lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3), (32, 3, 224, 224)),
+    "vit_patch16": (lambda: nn.Conv2d(3, 384, 16, stride=16), (32, 3, 224, 224)),
+    "cifar_vit_patch4": (lambda: nn.Conv2d(3, 384, 4, stride=4), (128, 3, 32, 32)),
+}
+GOALS = {"cifar_stem_3x3": 1.10, "imagenet_stem_7x7s2": 1.6, "vit_patch16": 2.05,
+         "cifar_vit_patch4": 1.08}
+
+
+def make(case, variant, seed=0):
+    factory, shape = CASES[case]
+    torch.manual_seed(seed)
+    layer = factory()
+    if variant == "tract":
+        layer = tt.wrap(layer, lam=0.1)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        grad_z = torch.randn_like(layer(x))
+    return layer, x, grad_z
+
+
+def step(layer, x, grad_z):
+    layer.weight.grad = None
+    layer.bias.grad = None
+    layer(x).backward(grad_z)
+
+
+def time_case(case, repeats):
+    runs = {v: make(case, v) for v in ("plain", "tract")}
+    best = {v: float("inf") for v in runs}
+    for v in runs:
+        step(*runs[v])  # warm-up
+    for _ in range(repeats):
+        for v, args in runs.items():
+            start = time.perf_counter()
+            step(*args)
+            best[v] = min(best[v], time.perf_counter() - start)
+    return best
+
+
+def peak_rss_growth(case, variant):
+    """Run in a child: peak RSS growth (MiB) over one forward+backward."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+import bench_torch as b
+torch.set_num_threads({torch.get_num_threads()})
+layer, x, g = b.make({case!r}, {variant!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+b.step(layer, x, g)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, min of {args.repeats} runs")
+    print("| case | plain ms | TrAct ms | ratio | goal |" + (" extra peak MiB |" if args.memory else ""))
+    print("|---|---|---|---|---|" + ("---|" if args.memory else ""))
+    results = {}
+    for case in args.cases:
+        best = time_case(case, args.repeats)
+        ratio = best["tract"] / best["plain"]
+        row = (f"| {case} | {best['plain'] * 1e3:.1f} | {best['tract'] * 1e3:.1f} | "
+               f"{ratio:.2f}x | <= {GOALS[case]}x |")
+        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"], "ratio": ratio}
+        if args.memory:
+            extra = peak_rss_growth(case, "tract") - peak_rss_growth(case, "plain")
+            results[case]["extra_peak_mib"] = extra
+            row += f" {extra:.0f} |"
+        print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

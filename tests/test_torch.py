@@ -253,3 +253,16 @@ def test_functional_conv_equals_module():
         tt.conv(x, weight, padding_mode="mirror")
     with pytest.raises(ValueError, match="stride"):
         tt.conv(x, weight, stride=(1, 2))
+
+
+def test_torch_compile_fullgraph_gives_eager_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(tt.wrap(nn.Conv2d(3, 8, 3, padding=1, stride=2)), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    x = torch.randn(16, 3, 8, 8)
+    eager = grads_of(model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    compiled.zero_grad(set_to_none=True)
+    compiled(x).square().sum().backward()
+    for got, want in zip([p.grad for p in model.parameters()], eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

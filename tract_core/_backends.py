@@ -8,7 +8,6 @@ chosen from the array's namespace, importing only what the caller already import
 
 from __future__ import annotations
 
-import functools
 import math
 
 import array_api_compat
@@ -63,7 +62,9 @@ class _Jax:
         return solve(chol, half, left_side=True, lower=True, transpose_a=True)
 
 
-@functools.cache
+_BY_NAMESPACE = {}  # a plain memo: torch.compile traces through it without warnings
+
+
 def backend(xp):
     """The Cholesky-solve backend for array namespace ``xp``.
 
@@ -72,8 +73,14 @@ def backend(xp):
     """
     if hasattr(xp, "spd_solve"):
         return xp
-    if array_api_compat.is_torch_namespace(xp):
-        return _Torch(xp)
-    if array_api_compat.is_jax_namespace(xp):
-        return _Jax(xp)
-    return _Generic(xp)
+    key = getattr(xp, "__name__", None) or id(xp)  # modules: by name, which dynamo traces
+    found = _BY_NAMESPACE.get(key)
+    if found is None:
+        if array_api_compat.is_torch_namespace(xp):
+            found = _Torch(xp)
+        elif array_api_compat.is_jax_namespace(xp):
+            found = _Jax(xp)
+        else:
+            found = _Generic(xp)
+        _BY_NAMESPACE[key] = found
+    return found

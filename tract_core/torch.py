@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import array_api_compat.torch as _xp
 import torch
 from torch import nn
 
@@ -52,9 +53,10 @@ class _Options:
     group: object = None  # torch.distributed process group; None: the default group
 
 
-def _compute_dtype(*tensors):
-    dtype = torch.result_type(*tensors) if len(tensors) > 1 else tensors[0].dtype
-    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+def _compute_dtype(x, grad_z):
+    """float32 for half-precision operands (autocast, bf16 models), else their promotion."""
+    dtype = torch.promote_types(x.dtype, grad_z.dtype)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _syncing(options):
@@ -73,7 +75,7 @@ def _precondition(plain, gram, rows, options):
         count = torch.tensor(float(rows), dtype=gram.dtype, device=gram.device)
         torch.distributed.all_reduce(gram, group=options.group)
         torch.distributed.all_reduce(count, group=options.group)
-    return _tc.precondition(plain, gram, count, options.lam)
+    return _tc.precondition(plain, gram, count, options.lam, xp=_xp)
 
 
 def _linear_weight_grad(x, grad_z, weight, options):
@@ -82,8 +84,8 @@ def _linear_weight_grad(x, grad_z, weight, options):
     rows = x.reshape(-1, n).to(dtype)
     grads = grad_z.reshape(-1, m).to(dtype)
     if rows.shape[0] < n and not _syncing(options):
-        return _tc.weight_grad(rows, grads, options.lam)  # b x b push-through form
-    return _precondition(grads.T @ rows, _tc.gram(rows), rows.shape[0], options)
+        return _tc.weight_grad(rows, grads, options.lam, xp=_xp)  # b x b push-through form
+    return _precondition(grads.T @ rows, _tc.gram(rows, xp=_xp), rows.shape[0], options)
 
 
 def _correlate(g, y, kernel_shape):
@@ -95,8 +97,14 @@ def _correlate(g, y, kernel_shape):
         [False, True, False])[1]
 
 
-def _conv_weight_grad(x, grad_z, weight, options, geometry):
-    g = geometry.groups
+def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bias):
+    """TrAct's weight gradient and the plain bias gradient of a conv.
+
+    Both come from one call of torch's conv backward kernel, as for the plain layer (on
+    CPU a bias-only call costs as much as the weight gradient); the plain weight
+    gradient is then preconditioned with the structured Gram.
+    """
+    g, d = geometry.groups, len(geometry.stride)
     dtype = _compute_dtype(x, grad_z)
     x = x.to(dtype)
     if any(geometry.pad):
@@ -106,53 +114,64 @@ def _conv_weight_grad(x, grad_z, weight, options, geometry):
     kernel_size = weight.shape[2:]
     m_g, n_g = weight.shape[0] // g, weight[0].numel()
     b = grad_z.shape[0] * grad_z[0, 0].numel()
-    if b < n_g and not _syncing(options):
-        # The b x b push-through form needs G itself, row by row.
-        patches = _tc.conv_patches(x, kernel_size, geometry.stride, geometry.dilation, g)
+    push_through = need_weight and b < n_g and not _syncing(options)
+    mask = [False, need_weight and not push_through, need_bias]
+    grad_w = grad_b = None
+    if any(mask):
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_z, x, weight.to(dtype), [bias.shape[0]] if need_bias else None,
+            geometry.stride, [0] * d, geometry.dilation, False, [0] * d, g, mask)
+    if push_through:
+        # b < n: the b x b push-through form needs G itself, row by row.
+        patches = _tc.conv_patches(x, kernel_size, geometry.stride, geometry.dilation, g,
+                                   xp=_xp)
         rows = grad_z.reshape(grad_z.shape[0], g, m_g, -1).permute(1, 0, 3, 2)
-        return _tc.weight_grad(patches, rows.reshape(g, b, m_g), options.lam)
-    # The plain weight gradient from torch's own conv kernel, then one n x n solve.
-    d = len(geometry.stride)
-    plain = torch.ops.aten.convolution_backward(
-        grad_z, x, weight.to(dtype), None, geometry.stride, [0] * d, geometry.dilation,
-        False, [0] * d, g, [False, True, False])[1]
-    gram = _tc.conv_gram(x, kernel_size, geometry.stride, geometry.dilation, g,
-                         correlate=_correlate)
-    return _precondition(plain.reshape(g, m_g, n_g), gram, b, options)
+        grad_w = _tc.weight_grad(patches, rows.reshape(g, b, m_g), options.lam, xp=_xp)
+    elif need_weight:
+        gram = _tc.conv_gram(x, kernel_size, geometry.stride, geometry.dilation, g,
+                             correlate=_correlate, xp=_xp)
+        grad_w = _precondition(grad_w.reshape(g, m_g, n_g), gram, b, options)
+    return grad_w, grad_b
 
 
-class _TrActWeightGrad(torch.autograd.Function):
-    """Identity on the layer output z; its backward gives the weight TrAct's gradient."""
+class _TrActGrads(torch.autograd.Function):
+    """Identity on the layer output z whose backward gives the weight TrAct's gradient.
+
+    The layer's forward ran with the weight detached (and, for convs, the bias too), so
+    autograd's own node computes the input gradient exactly as for the plain layer.
+    """
 
     @staticmethod
-    def forward(z, weight, x, options, geometry):
+    def forward(z, weight, bias, x, options, geometry):
         return z.view_as(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, weight, x, options, geometry = inputs
-        ctx.save_for_backward(weight, x)
+        _, weight, bias, x, options, geometry = inputs
+        ctx.save_for_backward(weight, bias, x)
         ctx.options, ctx.geometry = options, geometry
 
     @staticmethod
     def backward(ctx, grad_z):
-        weight, x = ctx.saved_tensors
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # Our Gram and solve run in float32 or better, whatever autocast says.
-            with torch.autocast(grad_z.device.type, enabled=False):
-                if ctx.geometry is None:
-                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
-                else:
-                    grad_w = _conv_weight_grad(x, grad_z, weight, ctx.options, ctx.geometry)
+        weight, bias, x = ctx.saved_tensors
+        need_weight, need_bias = ctx.needs_input_grad[1:3]
+        grad_w = grad_b = None
+        # Our Gram and solve run in float32 or better, whatever autocast says.
+        with torch.autocast(grad_z.device.type, enabled=False):
+            if ctx.geometry is None:
+                grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
+            else:
+                grad_w, grad_b = _conv_grads(x, grad_z, weight, bias, ctx.options,
+                                             ctx.geometry, need_weight, need_bias)
+        if grad_w is not None:
             grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
-        return grad_z, grad_w, None, None, None
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_z, grad_w, grad_b, None, None, None
 
 
-def _tract_output(z, weight, x, options, geometry):
-    if not (torch.is_grad_enabled() and weight.requires_grad):
-        return z
-    return _TrActWeightGrad.apply(z, weight, x, options, geometry)
+def _tract_active(weight):
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 def _options(lam, sync, process_group):
@@ -174,8 +193,11 @@ def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
         (..., m), exactly ``F.linear(x, weight, bias)``.
     """
     options = _options(lam, sync, process_group)
+    if not _tract_active(weight):
+        return nn.functional.linear(x, weight, bias)
+    # The bias stays with autograd: its gradient is a cheap sum, exactly the plain one.
     z = nn.functional.linear(x, weight.detach(), bias)
-    return _tract_output(z, weight, x, options, None)
+    return _TrActGrads.apply(z, weight, None, x, options, None)
 
 
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
@@ -222,19 +244,25 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     dilation = _per_axis(dilation, d, "dilation")
     pads = _resolve_padding(padding, weight.shape[2:], dilation)
     torch_pad = tuple(p for pair in reversed(pads) for p in pair)  # F.pad order
-    if padding_mode == "zeros":
-        z = _CONV[d](x, weight.detach(), bias, stride, padding, dilation, groups)
-    elif padding_mode in ("reflect", "replicate", "circular"):
-        # As nn.ConvNd does it: pad explicitly, then convolve with no padding.
-        padded = nn.functional.pad(x, torch_pad, mode=padding_mode)
-        z = _CONV[d](padded, weight.detach(), bias, stride, 0, dilation, groups)
-    else:
+    if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
         raise ValueError("padding_mode must be 'zeros', 'reflect', 'replicate' or "
                          f"'circular', got {padding_mode!r}")
+    active = _tract_active(weight)
+    if active:
+        weight_in, bias_in = weight.detach(), None if bias is None else bias.detach()
+    else:
+        weight_in, bias_in = weight, bias
+    if padding_mode == "zeros":
+        z = _CONV[d](x, weight_in, bias_in, stride, padding, dilation, groups)
+    else:  # as nn.ConvNd does it: pad explicitly, then convolve with no padding
+        padded = nn.functional.pad(x, torch_pad, mode=padding_mode)
+        z = _CONV[d](padded, weight_in, bias_in, stride, 0, dilation, groups)
+    if not active:
+        return z
     geometry = _ConvGeometry(torch_pad, padding_mode, stride, dilation, groups)
     if x.ndim == d + 1:  # unbatched: the backward sees a batch of one
-        return _tract_output(z[None], weight, x[None], options, geometry)[0]
-    return _tract_output(z, weight, x, options, geometry)
+        return _TrActGrads.apply(z[None], weight, bias, x[None], options, geometry)[0]
+    return _TrActGrads.apply(z, weight, bias, x, options, geometry)
 
 
 class _TrAct:

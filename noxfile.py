@@ -15,6 +15,8 @@ BACKENDS = {
     "numpy": ("numpy", "numpy", ["tests/test_core.py", "tests/test_fixtures.py",
                                  "tests/test_project.py"], {}),
     "torch": ("torch", "numpy torch", ["tests/test_core.py", "tests/test_torch.py"], {}),
+    "jax": ("jax", "numpy jax", ["tests/test_core.py", "tests/test_jax.py"], {}),
+    "flax": ("flax", "numpy jax flax equinox optax", ["tests/test_flax.py"], {}),
 }
 
 

@@ -1,0 +1,468 @@
+"""JAX adapter: ``dense`` and ``conv`` whose kernel gradient is TrAct's.
+
+    >>> import jax, jax.numpy as jnp, tract_core.jax as tj
+    >>> z = tj.conv(images, kernel, bias, strides=1, padding="SAME", lam=0.1)
+
+Both functions are ``jax.custom_vjp`` primitives. Their forward value and their input and
+bias cotangents come from ``jax.vjp`` of the plain op (``lax.dot_general`` or
+``lax.conv_general_dilated`` plus a bias add, exactly as Flax calls them), so they are
+bitwise what the plain layer gives. Only the kernel cotangent changes: it is
+``G^T X (X^T X / b + lam I)^-1`` from :mod:`tract_core`, per feature group, translated
+to the Flax kernel layout (``(n, m)`` for dense, ``(*window, C / groups, M)`` for conv).
+
+Batch statistics: the Gram sums over every row of the batch the op is called on (every
+token for dense, every receptive field for conv). A per-example function under
+``jax.vmap`` (Equinox style) gets the same kernel gradient as one call on the stacked
+batch: the backward's kernel step is a ``jax.custom_batching.custom_vmap`` function whose
+batching rule pools the vmapped examples into one Gram. Under ``jax.vmap(jax.grad(...))``
+each example's gradient is its own share ``G_i^T X_i A^-1``, with A from the whole vmapped
+batch, so the per-example gradients sum to the batch gradient. A vmapped *kernel* (a
+stack of separate layers, e.g. an ensemble) keeps separate statistics per kernel.
+
+Everything is traceable: no host callbacks, shapes and options are static, ``lam`` is a
+static Python float checked when the op is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import tract_core as _tc
+
+__all__ = ["conv", "dense"]
+
+_PAD_STRINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+# --------------------------------------------------------------------------- layers
+# A layer object holds the static options (hashable: one custom_vjp op is built per
+# distinct configuration, see _tract_op) and translates between its arrays and the core's
+# layout: per feature group g, rows X (b, n) and torch-layout weight gradients (m, n).
+# Backward arrays carry a leading segment axis S (vmapped examples, see _pooled_over_vmap).
+
+
+def _compute_dtype(*dtypes):
+    """The dtype TrAct's statistics are accumulated and solved in: float32 at least."""
+    dtype = jnp.result_type(*dtypes)
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dense:
+    """``x @ kernel + bias`` over the last axis; kernel (n, m)."""
+
+    lam: float
+    precision: object = None
+
+    def apply(self, x, kernel, bias):
+        # The very call nnx.Linear / nn.Dense make, so the forward is theirs bit for bit.
+        z = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+        if bias is not None:
+            z = z + jnp.reshape(bias, (1,) * (z.ndim - 1) + (-1,))
+        return z
+
+    def count(self, x, kernel):
+        """(b, n): rows over all segments (every token is a row), row width."""
+        return math.prod(x.shape[:-1]), kernel.shape[0]
+
+    def rows(self, x, grad_z, kernel):
+        """x (S, ..., n), grad_z (S, ..., m) -> rows (1, S, r, n), grads (1, S, r, m)."""
+        n, m = kernel.shape
+        segments = x.shape[0]
+        dtype = _compute_dtype(x.dtype, grad_z.dtype)
+        rows = jnp.reshape(x, (1, segments, -1, n)).astype(dtype)
+        grads = jnp.reshape(grad_z, (1, segments, -1, m)).astype(dtype)
+        return rows, grads
+
+    def plain_grads(self, x, grad_z, kernel):
+        """(1, S, m, n): each segment's plain weight gradient G_s^T X_s."""
+        rows, grads = self.rows(x, grad_z, kernel)
+        return jnp.einsum("gsrm,gsrn->gsmn", grads, rows)
+
+    def gram(self, x, kernel):
+        """(1, n, n): X^T X over the rows of all segments."""
+        rows = jnp.reshape(x, (1, -1, kernel.shape[0]))
+        return _tc.gram(rows.astype(_compute_dtype(x.dtype)))
+
+    def to_kernel_layout(self, grads, kernel):
+        """(1, S, m, n) torch layout -> (S, n, m) Flax layout."""
+        return jnp.swapaxes(grads[0], -1, -2)
+
+
+def _channels_last_dimension_numbers(ndim):
+    """(N, *spatial, C) input, (*window, C/g, M) kernel: what Flax passes to lax."""
+    lhs = (0, ndim - 1, *range(1, ndim - 1))
+    rhs = (ndim - 1, ndim - 2, *range(ndim - 2))
+    return lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Conv:
+    """Channels-last ``lax.conv_general_dilated`` plus bias."""
+
+    lam: float
+    strides: tuple
+    padding: str | tuple  # one of _PAD_STRINGS, or ((lo, hi), ...) per spatial axis
+    dilation: tuple
+    groups: int
+    precision: object = None
+
+    def apply(self, x, kernel, bias, precision=None):
+        z = lax.conv_general_dilated(
+            x, kernel, self.strides, self.padding, rhs_dilation=self.dilation,
+            dimension_numbers=_channels_last_dimension_numbers(x.ndim),
+            feature_group_count=self.groups,
+            precision=self.precision if precision is None else precision,
+        )
+        if bias is not None:
+            z = z + jnp.reshape(bias, (1,) * (z.ndim - 1) + (-1,))
+        return z
+
+    def pads(self, spatial, window):
+        """(lo, hi) per spatial axis, resolved the way lax resolves 'SAME' etc."""
+        if isinstance(self.padding, str):
+            dilated = [d * (k - 1) + 1 for k, d in zip(window, self.dilation)]
+            return tuple(lax.padtype_to_pads(spatial, dilated, self.strides, self.padding))
+        return self.padding
+
+    def padded_channels_first(self, x, kernel):
+        """x (S, N, *spatial, C) -> (S * N, C, *padded) in the compute dtype: the core's
+        conv input layout."""
+        segments, batch, *spatial, channels = x.shape
+        dtype = _compute_dtype(x.dtype)
+        x = jnp.reshape(x, (segments * batch, *spatial, channels)).astype(dtype)
+        # lax.pad also takes negative (cropping) pads, as lax's conv does.
+        pads = self.pads(spatial, kernel.shape[:-2])
+        x = lax.pad(x, jnp.zeros((), dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads),
+                                              (0, 0, 0)])
+        return jnp.moveaxis(x, -1, 1)
+
+    def count(self, x, kernel):
+        """(b, n): receptive fields over all segments, row width C/g * prod(window)."""
+        segments, batch, *spatial, _ = x.shape
+        window = kernel.shape[:-2]
+        padded = [s + lo + hi for s, (lo, hi) in zip(spatial, self.pads(spatial, window))]
+        out = _tc.conv_output_shape(padded, window, self.strides, self.dilation)
+        return segments * batch * math.prod(out), kernel.shape[-2] * math.prod(window)
+
+    def rows(self, x, grad_z, kernel):
+        """x (S, N, *spatial, C), grad_z (S, N, *out, M) -> rows (g, S, N*L, C/g*K), grads
+        (g, S, N*L, M/g): the core's patch layout, torch weight column order."""
+        segments = x.shape[0]
+        g, m_g = self.groups, kernel.shape[-1] // self.groups
+        patches = _tc.conv_patches(self.padded_channels_first(x, kernel), kernel.shape[:-2],
+                                   self.strides, self.dilation, g)  # (g, S*N*L, n_g)
+        rows = jnp.reshape(patches, (g, segments, -1, patches.shape[-1]))
+        grads = jnp.reshape(grad_z.astype(patches.dtype), (segments, -1, g, m_g))
+        return rows, jnp.transpose(grads, (2, 0, 1, 3))
+
+    def plain_grads(self, x, grad_z, kernel):
+        """(g, S, M/g, C/g*K): each segment's plain weight gradient, from lax's own conv
+        transpose (in the compute dtype, full precision)."""
+        dtype = _compute_dtype(x.dtype, grad_z.dtype)
+
+        def one_segment(x, grad_z):
+            conv = functools.partial(self.apply, x.astype(dtype), bias=None,
+                                     precision=lax.Precision.HIGHEST)
+            return jax.vjp(conv, kernel.astype(dtype))[1](grad_z.astype(dtype))[0]
+
+        if x.shape[0] == 1:
+            plain = one_segment(x[0], grad_z[0])[None]
+        else:
+            plain = jax.vmap(one_segment)(x, grad_z)
+        return self.from_kernel_layout(plain)
+
+    def gram(self, x, kernel):
+        """(g, n, n): X^T X per group over the receptive fields of all segments."""
+        patches = _tc.conv_patches(self.padded_channels_first(x, kernel), kernel.shape[:-2],
+                                   self.strides, self.dilation, self.groups)
+        return _tc.gram(patches)
+
+    def from_kernel_layout(self, grads):
+        """(S, *window, C/g, M) Flax layout -> (g, S, M/g, C/g*K) torch layout per group."""
+        segments, *window, c_g, m = grads.shape
+        g, d = self.groups, len(window)
+        grads = jnp.reshape(grads, (segments, *window, c_g, g, m // g))
+        grads = jnp.transpose(grads, (d + 2, 0, d + 3, d + 1, *range(1, d + 1)))
+        return jnp.reshape(grads, (g, segments, m // g, c_g * math.prod(window)))
+
+    def to_kernel_layout(self, grads, kernel):
+        """(g, S, M/g, C/g*K) torch layout per group -> (S, *window, C/g, M) Flax layout."""
+        *window, c_g, m = kernel.shape
+        g, segments, m_g, _ = grads.shape
+        grads = jnp.reshape(grads, (g, segments, m_g, c_g, *window))
+        d = len(window)
+        # -> (S, *window, C/g, g, M/g); output channel = group * (M/g) + j, as in lax.
+        grads = jnp.transpose(grads, (1, *range(4, 4 + d), 3, 0, 2))
+        return jnp.reshape(grads, (segments, *window, c_g, m))
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _segment_weight_grads(layer, x, grad_z, kernel):
+    """Each segment's share of TrAct's weight gradient, statistics pooled over all rows.
+
+    Args:
+        layer: a _Dense or _Conv.
+        x, grad_z: the layer's input and output gradient, leading segment axis S
+            (vmapped examples).
+        kernel: the layer's kernel (for shapes).
+
+    Returns:
+        (g, S, m, n): ``G_s^T X_s (X^T X / b + lam I)^-1`` per group, X and b over the
+        rows of all segments; the S shares sum to the core's ``weight_grad`` of all rows.
+    """
+    b, n = layer.count(x, kernel)
+    if b >= n:
+        plain = layer.plain_grads(x, grad_z, kernel)  # (g, S, m, n)
+        g, segments, m, _ = plain.shape
+        # The Gram and row count are explicit: summing both over devices is all that data
+        # parallelism adds.
+        gram, count = layer.gram(x, kernel), b
+        out = _tc.precondition(jnp.reshape(plain, (g, segments * m, n)), gram, count,
+                               layer.lam)
+    else:
+        # b < n: the b x b push-through form needs G itself. A block-diagonal G keeps
+        # the segments' shares apart in its columns.
+        rows, grads = layer.rows(x, grad_z, kernel)
+        g, segments, _, m = grads.shape
+        if segments > 1:
+            grads = jnp.einsum("gsrm,st->gsrtm", grads, jnp.eye(segments, dtype=grads.dtype))
+        out = _tc.weight_grad(jnp.reshape(rows, (g, b, n)),
+                              jnp.reshape(grads, (g, b, segments * m)), layer.lam)
+    return jnp.reshape(out, (g, segments, m, n))
+
+
+def _broadcast_front(value, batched, size):
+    return value if batched else jnp.broadcast_to(value, (size, *value.shape))
+
+
+def _pooled_over_vmap(segment_fn, pooled_fn, kernel_grad_output):
+    """``segment_fn(x, grad_z, kernel, *more)`` as a custom_vmap function that pools.
+
+    Every argument but ``kernel`` carries a leading segment axis S. Under vmap with an
+    unbatched kernel the vmapped axis B is merged into the segments, (B, S) -> B * S, and
+    ``pooled_fn()`` is called on that one batch (so an enclosing vmap pools further); its
+    outputs are split back into (B, S, ...), except those at positions
+    ``kernel_grad_output``: cotangents for the kernel, which the shares never depend on
+    (they are zero) and which stay unbatched. A vmapped kernel is a stack of separate
+    layers: plain vmap, separate statistics.
+    """
+    pooled = jax.custom_batching.custom_vmap(segment_fn)
+
+    @pooled.def_vmap
+    def _rule(axis_size, in_batched, x, grad_z, kernel, *more):
+        args = (x, grad_z, kernel, *more)
+        if in_batched[2]:
+            in_axes = [0 if batched else None for batched in in_batched]
+            out = jax.vmap(segment_fn, in_axes=in_axes)(*args)
+            return out, jax.tree.map(lambda _: True, out)
+
+        def merge(value, batched):
+            value = _broadcast_front(value, batched, axis_size)
+            return jnp.reshape(value, (-1, *value.shape[2:]))
+
+        args = [a if i == 2 else merge(a, b) for i, (a, b) in enumerate(zip(args, in_batched))]
+        out = pooled_fn()(*args)
+
+        def split(value):
+            return jnp.reshape(value, (axis_size, -1, *value.shape[1:]))
+
+        if not isinstance(out, tuple):
+            return split(out), True
+        batched = tuple(i not in kernel_grad_output for i in range(len(out)))
+        return tuple(split(o) if b else o for o, b in zip(out, batched)), batched
+
+    return pooled
+
+
+@functools.cache
+def _tract_op(layer):
+    """The custom_vjp op for one static layer configuration."""
+
+    def segment_kernel_grads(x, grad_z, kernel):
+        """x (S, *x_shape), grad_z (S, *z_shape) -> (S, *kernel.shape) shares."""
+        # Full float32 matmuls for the Gram and the solve, whatever the global default
+        # (TF32 on GPUs loses the digits [0, 255]-scale pixels need). Set here, where it
+        # is traced, since parts of it (its vjp, the vmap rules) are traced late.
+        with jax.default_matmul_precision("highest"):
+            shares = _segment_weight_grads(layer, x, grad_z, kernel)
+            return layer.to_kernel_layout(shares, kernel).astype(kernel.dtype)
+
+    def segment_kernel_grads_vjp(x, grad_z, kernel, cotangent):
+        return jax.vjp(segment_kernel_grads, x, grad_z, kernel)[1](cotangent)
+
+    # The kernel step and its vjp pool vmapped examples; the custom_vjp makes the kernel
+    # step differentiable again (custom_vmap has no reverse-mode rule), e.g. for gradient
+    # penalties on the input, and the pooled vjp keeps that right under vmap too.
+    pooled_kernel_grads = _pooled_over_vmap(segment_kernel_grads, lambda: kernel_grads,
+                                            kernel_grad_output=())
+    pooled_kernel_grads_vjp = _pooled_over_vmap(segment_kernel_grads_vjp,
+                                                lambda: pooled_kernel_grads_vjp,
+                                                kernel_grad_output=(2,))
+
+    @jax.custom_vjp
+    def kernel_grads(x, grad_z, kernel):
+        return pooled_kernel_grads(x, grad_z, kernel)
+
+    def kernel_grads_fwd(x, grad_z, kernel):
+        return pooled_kernel_grads(x, grad_z, kernel), (x, grad_z, kernel)
+
+    def kernel_grads_bwd(residuals, cotangent):
+        return pooled_kernel_grads_vjp(*residuals, cotangent)
+
+    kernel_grads.defvjp(kernel_grads_fwd, kernel_grads_bwd)
+
+    @jax.custom_vjp
+    def op(x, kernel, bias):
+        return layer.apply(x, kernel, bias)
+
+    def op_fwd(x, kernel, bias):
+        return layer.apply(x, kernel, bias), (x, kernel, bias)
+
+    def op_bwd(residuals, grad_z):
+        x, kernel, bias = residuals
+        # Input and bias cotangents: the plain op's own transpose.
+        _, plain_vjp = jax.vjp(lambda x, bias: layer.apply(x, kernel, bias), x, bias)
+        grad_x, grad_bias = plain_vjp(grad_z)
+        grad_kernel = kernel_grads(x[None], grad_z[None], kernel)[0]
+        return grad_x, grad_kernel, grad_bias
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _per_axis(value, count, name, minimum=1):
+    """An int or a length-``count`` sequence of ints (each >= minimum) as a tuple."""
+    values = (value,) * count if _is_int(value) else value
+    if (isinstance(values, Sequence) and not isinstance(values, str) and len(values) == count
+            and all(_is_int(v) and v >= minimum for v in values)):
+        return tuple(int(v) for v in values)
+    raise ValueError(f"{name} must be an int >= {minimum} or a sequence of {count} such ints "
+                     f"(one per spatial axis), got {value!r}")
+
+
+def _padding(padding, count):
+    """'SAME'/'SAME_LOWER'/'VALID', an int, or per-axis ints or (lo, hi) pairs."""
+    if isinstance(padding, str):
+        if padding.upper() in _PAD_STRINGS:
+            return padding.upper()
+    elif _is_int(padding):
+        return ((int(padding), int(padding)),) * count
+    elif isinstance(padding, Sequence) and len(padding) == count:
+        pairs = tuple((p, p) if _is_int(p) else tuple(p) if isinstance(p, Sequence) else None
+                      for p in padding)
+        if all(p is not None and len(p) == 2 and all(_is_int(v) for v in p) for p in pairs):
+            return tuple((int(lo), int(hi)) for lo, hi in pairs)
+    raise ValueError(f"padding must be 'SAME', 'VALID', 'SAME_LOWER', an int, or a sequence of "
+                     f"{count} ints or (lo, hi) pairs (one per spatial axis), got {padding!r}")
+
+
+def _precision(precision):
+    # Hashable, so it can be part of the static configuration.
+    return tuple(precision) if isinstance(precision, list) else precision
+
+
+def _check_bias(bias, m):
+    if bias is not None and tuple(jnp.shape(bias)) != (m,):
+        raise ValueError(f"bias must have shape ({m},) (one per output feature), "
+                         f"got shape {tuple(jnp.shape(bias))}")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def dense(x, kernel, bias=None, *, lam=0.1, precision=None):
+    """``x @ kernel + bias`` with TrAct's kernel gradient.
+
+    Args:
+        x: (..., n); every leading position is a row of the Gram (tokens count as rows).
+        kernel: (n, m), Flax layout.
+        bias: (m,) or None.
+        lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
+        precision: passed to ``lax.dot_general`` for the forward and input gradient.
+
+    Returns:
+        (..., m), exactly ``lax.dot_general(x, kernel, ...) + bias`` as ``nnx.Linear``
+        computes it. Under differentiation the kernel cotangent is
+        ``(G^T X (X^T X / b + lam I)^-1)^T`` with X = x.reshape(-1, n), b its row count.
+    """
+    lam = _tc.check_lam(lam)
+    if jnp.ndim(kernel) != 2:
+        raise ValueError(f"kernel must have shape (n, m), got shape {tuple(jnp.shape(kernel))}")
+    if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != jnp.shape(kernel)[0]:
+        raise ValueError(f"x must have shape (..., {jnp.shape(kernel)[0]}) to match kernel "
+                         f"{tuple(jnp.shape(kernel))}, got shape {tuple(jnp.shape(x))}")
+    _check_bias(bias, jnp.shape(kernel)[1])
+    return _tract_op(_Dense(lam, _precision(precision)))(x, kernel, bias)
+
+
+def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
+         feature_group_count=1, lam=0.1, precision=None):
+    """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
+
+    Args:
+        x: (N, *spatial, C).
+        kernel: (*window, C / feature_group_count, M), Flax / ``lax`` HWIO layout.
+        bias: (M,) or None.
+        strides: int or one int per spatial axis.
+        padding: 'SAME', 'VALID', 'SAME_LOWER', an int (same on both sides of every
+            axis), or per spatial axis an int or a (lo, hi) pair.
+        kernel_dilation: int or one int per spatial axis.
+        feature_group_count: number of feature groups; one Gram per group.
+        lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
+        precision: passed to ``lax.conv_general_dilated`` for the forward and input
+            gradient.
+
+    Returns:
+        (N, *out_spatial, M), exactly ``lax.conv_general_dilated`` with channels-last
+        dimension numbers plus bias, as ``nnx.Conv`` / ``nn.Conv`` compute it. Under
+        differentiation the kernel cotangent is TrAct's, per group, with b = N x output
+        positions rows (receptive fields).
+    """
+    lam = _tc.check_lam(lam)
+    k_ndim = jnp.ndim(kernel)
+    if k_ndim not in (3, 4, 5):
+        raise ValueError(f"kernel must have shape (*window, C/groups, M) with 1 to 3 spatial "
+                         f"axes, got shape {tuple(jnp.shape(kernel))}")
+    spatial = k_ndim - 2
+    if jnp.ndim(x) != k_ndim:
+        raise ValueError(f"x must have shape (N, *spatial, C) with {spatial} spatial axes to "
+                         f"match kernel {tuple(jnp.shape(kernel))}, got shape "
+                         f"{tuple(jnp.shape(x))}")
+    if not _is_int(feature_group_count) or feature_group_count < 1:
+        raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
+    *_, c_g, m = jnp.shape(kernel)
+    if jnp.shape(x)[-1] != c_g * feature_group_count or m % feature_group_count:
+        raise ValueError(
+            f"x channels ({jnp.shape(x)[-1]}) must equal kernel input channels ({c_g}) x "
+            f"feature_group_count ({feature_group_count}), and kernel output channels ({m}) "
+            f"must be divisible by it"
+        )
+    _check_bias(bias, m)
+    layer = _Conv(
+        lam=lam,
+        strides=_per_axis(strides, spatial, "strides"),
+        padding=_padding(padding, spatial),
+        dilation=_per_axis(kernel_dilation, spatial, "kernel_dilation"),
+        groups=int(feature_group_count),
+        precision=_precision(precision),
+    )
+    return _tract_op(layer)(x, kernel, bias)

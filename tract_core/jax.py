@@ -19,6 +19,36 @@ each example's gradient is its own share ``G_i^T X_i A^-1``, with A from the who
 batch, so the per-example gradients sum to the batch gradient. A vmapped *kernel* (a
 stack of separate layers, e.g. an ensemble) keeps separate statistics per kernel.
 
+Data parallelism (``axis_name``): by default each device's statistics are its own shard's
+(unsynced: the Gram and b are local, so the averaged gradient is *not* the full-batch
+TrAct gradient). With ``axis_name`` naming the batch axis of an enclosing
+``jax.shard_map`` or ``jax.pmap``, the backward ``psum``s the Gram (n x n per group) over
+that axis and uses b = local rows x axis size (every device runs the same shapes), then
+each device preconditions its own plain kernel gradient ``G_d^T X_d`` with that global
+matrix (always the n x n form, whatever the local b). Each device's kernel cotangent is
+thus its share of the full-batch gradient, and the shares *sum* to it. The forward and
+the input/bias cotangents are untouched. Recipes, with each device's loss its part of the
+full-batch loss (a global mean: local sum / global batch size)::
+
+    # shard_map (check_vma=True, the default), kernel replicated: in_specs P().
+    # The kernel is cast to device-varying before the op; that cast transposes to a
+    # psum, so jax.grad of a replicated kernel is already the summed (full-batch)
+    # gradient: do NOT psum it again (psum of a replicated value multiplies by the
+    # number of devices).
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+    def step(kernel, x):
+        return jax.grad(lambda k: local_loss(tj.dense(x, k, axis_name="data")))(kernel)
+
+    # Or differentiate outside: jax.grad of shard_map(lambda k, x:
+    #     lax.psum(local_loss(...), "data"), out_specs=P()) gives the same.
+    # shard_map(check_vma=False) and pmap: per-device gradients, psum them yourself:
+    grads = jax.pmap(lambda k, x: lax.psum(jax.grad(local_loss_fn)(k, x), "data"),
+                     axis_name="data", in_axes=(None, 0))(kernel, x_shards)
+
+Under ``jax.vmap`` inside the shard_map the vmapped examples and the devices pool into
+one Gram; ``axis_name`` naming a ``jax.vmap``'s own axis raises NotImplementedError.
+Padding or masked rows are counted as rows, as in the unsynced case.
+
 Everything is traceable: no host callbacks, shapes and options are static, ``lam`` is a
 static Python float checked when the op is called.
 """
@@ -61,6 +91,7 @@ class _Dense:
 
     lam: float
     precision: object = None
+    axis_name: object = None  # see _synced_statistics
 
     def apply(self, x, kernel, bias):
         # The very call nnx.Linear / nn.Dense make, so the forward is theirs bit for bit.
@@ -115,6 +146,7 @@ class _Conv:
     dilation: tuple
     groups: int
     precision: object = None
+    axis_name: object = None  # see _synced_statistics
 
     def apply(self, x, kernel, bias, precision=None):
         z = lax.conv_general_dilated(
@@ -223,12 +255,14 @@ def _segment_weight_grads(layer, x, grad_z, kernel):
         rows of all segments; the S shares sum to the core's ``weight_grad`` of all rows.
     """
     b, n = layer.count(x, kernel)
-    if b >= n:
+    # With an axis name the n x n form is used whatever the local b: the b x b
+    # push-through form would need every device's rows.
+    if b >= n or layer.axis_name is not None:
         plain = layer.plain_grads(x, grad_z, kernel)  # (g, S, m, n)
         g, segments, m, _ = plain.shape
         # The Gram and row count are explicit: summing both over devices is all that data
         # parallelism adds.
-        gram, count = layer.gram(x, kernel), b
+        gram, count = _synced_statistics(layer.axis_name, layer.gram(x, kernel), b)
         out = _tc.precondition(jnp.reshape(plain, (g, segments * m, n)), gram, count,
                                layer.lam)
     else:
@@ -243,11 +277,43 @@ def _segment_weight_grads(layer, x, grad_z, kernel):
     return jnp.reshape(out, (g, segments, m, n))
 
 
+def _synced_statistics(axis_name, gram, count):
+    """The Gram and row count summed over the devices of ``axis_name`` (None: local).
+
+    Every device along the axis has the same static shapes (shard_map and pmap run one
+    program), so the global row count is the local one times the axis size.
+    """
+    if axis_name is None:
+        return gram, count
+    size = math.prod(lax.axis_size(name) for name in _axis_names(axis_name))
+    return lax.psum(gram, axis_name), count * size
+
+
+def _axis_names(axis_name):
+    return () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (
+        axis_name,)
+
+
+def _check_axes_bound(axis_name):
+    """Called in the vmap rule: the axes must be shard_map's / pmap's (manual mesh axes),
+    not the vmap's own, since the pooled statistics are computed outside the vmap."""
+    manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", None)
+    if manual is None:  # no way to tell on this jax version
+        return
+    for name in _axis_names(axis_name):
+        if name not in manual:
+            raise NotImplementedError(
+                f"tract_core.jax: under jax.vmap, axis_name={axis_name!r} must name an axis "
+                f"of an enclosing jax.shard_map or jax.pmap; syncing over a vmap's own named "
+                f"axis is not supported (vmapped examples are pooled without an axis_name)"
+            )
+
+
 def _broadcast_front(value, batched, size):
     return value if batched else jnp.broadcast_to(value, (size, *value.shape))
 
 
-def _pooled_over_vmap(segment_fn, pooled_fn, kernel_grad_output):
+def _pooled_over_vmap(segment_fn, pooled_fn, kernel_grad_output, axis_name=None):
     """``segment_fn(x, grad_z, kernel, *more)`` as a custom_vmap function that pools.
 
     Every argument but ``kernel`` carries a leading segment axis S. Under vmap with an
@@ -257,11 +323,15 @@ def _pooled_over_vmap(segment_fn, pooled_fn, kernel_grad_output):
     ``kernel_grad_output``: cotangents for the kernel, which the shares never depend on
     (they are zero) and which stay unbatched. A vmapped kernel is a stack of separate
     layers: plain vmap, separate statistics.
+
+    ``axis_name`` (the layer's) must name an axis bound outside this vmap: the rule runs
+    outside the vmap, so a vmap that is itself the collective axis cannot be pooled.
     """
     pooled = jax.custom_batching.custom_vmap(segment_fn)
 
     @pooled.def_vmap
     def _rule(axis_size, in_batched, x, grad_z, kernel, *more):
+        _check_axes_bound(axis_name)
         args = (x, grad_z, kernel, *more)
         if in_batched[2]:
             in_axes = [0 if batched else None for batched in in_batched]
@@ -306,10 +376,11 @@ def _tract_op(layer):
     # step differentiable again (custom_vmap has no reverse-mode rule), e.g. for gradient
     # penalties on the input, and the pooled vjp keeps that right under vmap too.
     pooled_kernel_grads = _pooled_over_vmap(segment_kernel_grads, lambda: kernel_grads,
-                                            kernel_grad_output=())
+                                            kernel_grad_output=(), axis_name=layer.axis_name)
     pooled_kernel_grads_vjp = _pooled_over_vmap(segment_kernel_grads_vjp,
                                                 lambda: pooled_kernel_grads_vjp,
-                                                kernel_grad_output=(2,))
+                                                kernel_grad_output=(2,),
+                                                axis_name=layer.axis_name)
 
     @jax.custom_vjp
     def kernel_grads(x, grad_z, kernel):
@@ -380,6 +451,48 @@ def _precision(precision):
     return tuple(precision) if isinstance(precision, list) else precision
 
 
+def _axis_name(axis_name):
+    """None, a hashable axis name, or a tuple / list of them (as a tuple): static."""
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    try:
+        hash(axis_name)
+    except TypeError:
+        raise ValueError(f"axis_name must be None, a hashable axis name (e.g. a str) or a "
+                         f"tuple of them, got {axis_name!r}") from None
+    return axis_name
+
+
+def _varying_axes(array):
+    """The shard_map axes an array varies over (empty outside shard_map)."""
+    aval = jax.typeof(array)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9: manual axis type
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _varying_alike(*arrays):
+    """Cast every array to vary over the same shard_map axes (None stays None).
+
+    Inside ``jax.shard_map`` (check_vma) a replicated kernel meets a batch-sharded x. A
+    custom_vjp's cotangents must have their primals' types, and the kernel cotangent
+    varies with x; so the kernel is cast to varying *before* the op, as lax's own ops do
+    implicitly. The transpose of that cast is a psum: the gradient of a replicated kernel
+    comes out summed over the devices. Outside shard_map this changes nothing.
+    """
+    vmas = [_varying_axes(a) for a in arrays if a is not None]
+    union = frozenset().union(*vmas)
+    if not union:
+        return arrays
+
+    def cast(a):
+        if a is None:
+            return a
+        missing = union - _varying_axes(a)
+        return lax.pcast(a, tuple(sorted(missing, key=str)), to="varying") if missing else a
+
+    return tuple(cast(a) for a in arrays)
+
+
 def _check_bias(bias, m):
     if bias is not None and tuple(jnp.shape(bias)) != (m,):
         raise ValueError(f"bias must have shape ({m},) (one per output feature), "
@@ -389,7 +502,7 @@ def _check_bias(bias, m):
 # --------------------------------------------------------------------------- public API
 
 
-def dense(x, kernel, bias=None, *, lam=0.1, precision=None):
+def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
@@ -398,11 +511,16 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None):
         bias: (m,) or None.
         lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
         precision: passed to ``lax.dot_general`` for the forward and input gradient.
+        axis_name: None (default) or a mapped axis name (or tuple of names) of an
+            enclosing ``jax.shard_map`` or ``jax.pmap``; static. See "Data parallelism"
+            in the module docstring.
 
     Returns:
         (..., m), exactly ``lax.dot_general(x, kernel, ...) + bias`` as ``nnx.Linear``
         computes it. Under differentiation the kernel cotangent is
-        ``(G^T X (X^T X / b + lam I)^-1)^T`` with X = x.reshape(-1, n), b its row count.
+        ``(G^T X (X^T X / b + lam I)^-1)^T`` with X = x.reshape(-1, n), b its row count
+        (with ``axis_name``: the Gram and b over all devices of that axis, G and the
+        first X still the device's own).
     """
     lam = _tc.check_lam(lam)
     if jnp.ndim(kernel) != 2:
@@ -411,11 +529,12 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None):
         raise ValueError(f"x must have shape (..., {jnp.shape(kernel)[0]}) to match kernel "
                          f"{tuple(jnp.shape(kernel))}, got shape {tuple(jnp.shape(x))}")
     _check_bias(bias, jnp.shape(kernel)[1])
-    return _tract_op(_Dense(lam, _precision(precision)))(x, kernel, bias)
+    layer = _Dense(lam, _precision(precision), _axis_name(axis_name))
+    return _tract_op(layer)(*_varying_alike(x, kernel, bias))
 
 
 def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
-         feature_group_count=1, lam=0.1, precision=None):
+         feature_group_count=1, lam=0.1, precision=None, axis_name=None):
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:
@@ -430,12 +549,16 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
         precision: passed to ``lax.conv_general_dilated`` for the forward and input
             gradient.
+        axis_name: None (default) or a mapped axis name (or tuple of names) of an
+            enclosing ``jax.shard_map`` or ``jax.pmap``; static. See "Data parallelism"
+            in the module docstring.
 
     Returns:
         (N, *out_spatial, M), exactly ``lax.conv_general_dilated`` with channels-last
         dimension numbers plus bias, as ``nnx.Conv`` / ``nn.Conv`` compute it. Under
         differentiation the kernel cotangent is TrAct's, per group, with b = N x output
-        positions rows (receptive fields).
+        positions rows (receptive fields); with ``axis_name`` the Gram and b are summed
+        over that axis's devices.
     """
     lam = _tc.check_lam(lam)
     k_ndim = jnp.ndim(kernel)
@@ -464,5 +587,6 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         dilation=_per_axis(kernel_dilation, spatial, "kernel_dilation"),
         groups=int(feature_group_count),
         precision=_precision(precision),
+        axis_name=_axis_name(axis_name),
     )
-    return _tract_op(layer)(x, kernel, bias)
+    return _tract_op(layer)(*_varying_alike(x, kernel, bias))

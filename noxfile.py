@@ -17,6 +17,8 @@ BACKENDS = {
     "torch": ("torch", "numpy torch", ["tests/test_core.py", "tests/test_torch.py"], {}),
     "jax": ("jax", "numpy jax", ["tests/test_core.py", "tests/test_jax.py"], {}),
     "flax": ("flax", "numpy jax flax equinox optax", ["tests/test_flax.py"], {}),
+    "examples": ("examples", "numpy torch sklearn matplotlib tqdm", ["tests/test_examples.py"],
+                 {}),
     # Exact data parallelism: 2 gloo processes (torch), 2 forced host devices (JAX).
     "distributed": ("distributed", "numpy torch jax",
                     ["tests/test_distributed_torch.py", "tests/test_distributed_jax.py"], {}),

@@ -1,0 +1,134 @@
+"""One training run: a (method, seed, config) triple, trained and tested.
+
+Vanilla and TrAct runs with the same seed and config start from the same initialisation,
+see the same batches in the same order (and the same augmentations) and use the same
+learning-rate schedule: only the first layer's weight gradient differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .models import build_model, wrap_first_layer
+
+METHODS = ("vanilla", "tract")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run besides method and seed (the resume key's fields)."""
+
+    dataset: str
+    model: str
+    optimizer: str  # "sgd" (momentum 0.9) or "adam"; both with a cosine schedule
+    lr: float
+    epochs: int
+    batch_size: int = 128
+    lam: float = 0.1  # TrAct's lambda; not part of a vanilla run's key
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = False  # random 4-pixel shifts and horizontal flips (CIFAR)
+    patch: int = 4  # the ViT's patch size
+    train_limit: int | None = None  # first N training examples only (smoke runs)
+    test_limit: int | None = None
+
+
+def run_key(config: RunConfig, method: str, seed: int) -> dict:
+    """The fields that identify a finished run in the results file."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    key = dataclasses.asdict(config)
+    if method == "vanilla":
+        key["lam"] = None  # lambda does not change a vanilla run: share it across lams
+    return {"method": method, "seed": seed, **key}
+
+
+def make_optimizer(name, parameters, lr, weight_decay):
+    """SGD with momentum 0.9, or Adam (the paper's two optimizers)."""
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+def augment(images, generator):
+    """Per image: a random crop of the 4-pixel zero-padded image and a random h-flip."""
+    n, channels, height, width = images.shape
+    padded = nn.functional.pad(images, (4, 4, 4, 4))
+    shift_y = torch.randint(0, 9, (n, 1), generator=generator)
+    shift_x = torch.randint(0, 9, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    rows = shift_y + torch.arange(height)
+    cols = shift_x + torch.where(flip, torch.arange(width - 1, -1, -1), torch.arange(width))
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[:, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, batch_size=1000):
+    """Test accuracy in percent (eval mode, so batch norm uses its running statistics)."""
+    model.eval()
+    correct = sum((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size])
+                  .sum().item() for i in range(0, len(labels), batch_size))
+    return 100.0 * correct / len(labels)
+
+
+def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -> dict:
+    """Train one model and return its record: the run key plus accuracies and timings.
+
+    Args:
+        config: the run's settings. method: "vanilla" or "tract". seed: int.
+        data: a ``data.Dataset`` (already limited to config.train_limit/test_limit).
+        progress: show a tqdm bar (only where stderr is a terminal).
+
+    Returns:
+        ``run_key(...)`` plus test_acc (final, %), history (test accuracy after each
+        epoch), train_loss (mean per epoch), seconds (training and testing time).
+    """
+    record = run_key(config, method, seed)
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # same initialisation for both methods: wrap() draws nothing
+    model = build_model(config.model, data.channels, data.image_size, data.classes,
+                        patch=config.patch)
+    if method == "tract":
+        wrap_first_layer(model, config.lam)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
+                               config.weight_decay)
+    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch)  # per step, down to 0 at the end
+    batches = torch.Generator().manual_seed(seed)  # batch order and augmentation
+    history, train_loss = [], []
+    bar = tqdm(total=config.epochs * steps_per_epoch, disable=None if progress else True,
+               desc=f"{method} seed {seed} ({config.epochs} ep)", unit="step", leave=False)
+    with bar:
+        for _ in range(config.epochs):
+            model.train()
+            losses = []
+            for idx in torch.randperm(len(data.y_train), generator=batches).split(
+                    config.batch_size):
+                images = data.x_train[idx]
+                if config.augment:
+                    images = augment(images, batches)
+                loss = nn.functional.cross_entropy(model(images), data.y_train[idx],
+                                                   label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            train_loss.append(sum(losses) / len(losses))
+            history.append(accuracy(model, data.x_test, data.y_test))
+    record.update(test_acc=history[-1], history=history, train_loss=train_loss,
+                  seconds=round(time.perf_counter() - start, 2),
+                  threads=torch.get_num_threads(), torch=torch.__version__)
+    return record

@@ -266,3 +266,11 @@ def test_torch_compile_fullgraph_gives_eager_gradients():
     compiled(x).square().sum().backward()
     for got, want in zip([p.grad for p in model.parameters()], eager):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_tract_layers_can_be_built_directly():
+    torch.manual_seed(0)
+    layer = tt.TrActConv2d(3, 4, 3)
+    assert layer.lam == 0.1 and not layer.sync
+    layer(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert layer.weight.grad.shape == (4, 3, 3, 3)

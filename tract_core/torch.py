@@ -268,7 +268,8 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
 class _TrAct:
     """Mixin: TrAct layers are their plain layer plus ``lam``, ``sync``, ``process_group``."""
 
-    lam: float
+    # Defaults for layers built directly, e.g. TrActConv2d(3, 64, 3); wrap() sets them.
+    lam: float = 0.1
     sync: bool = False
     process_group: object = None
 

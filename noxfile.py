@@ -17,6 +17,14 @@ BACKENDS = {
     "torch": ("torch", "numpy torch", ["tests/test_core.py", "tests/test_torch.py"], {}),
     "jax": ("jax", "numpy jax", ["tests/test_core.py", "tests/test_jax.py"], {}),
     "flax": ("flax", "numpy jax flax equinox optax", ["tests/test_flax.py"], {}),
+    "tensorflow": ("tensorflow", "numpy tensorflow",
+                   ["tests/test_core.py", "tests/test_tensorflow.py"], {}),
+    "keras-tensorflow": ("keras-tensorflow", "numpy keras tensorflow", ["tests/test_keras.py"],
+                         {"KERAS_BACKEND": "tensorflow"}),
+    "keras-jax": ("keras-jax", "numpy keras jax", ["tests/test_keras.py"],
+                  {"KERAS_BACKEND": "jax"}),
+    "keras-torch": ("keras-torch", "numpy keras torch", ["tests/test_keras.py"],
+                    {"KERAS_BACKEND": "torch"}),
     "examples": ("examples", "numpy torch sklearn matplotlib tqdm", ["tests/test_examples.py"],
                  {}),
     # Exact data parallelism: 2 gloo processes (torch), 2 forced host devices (JAX).
@@ -45,3 +53,14 @@ for _name, (_req, _required, _tests, _env) in BACKENDS.items():
 def lint(s):
     s.install("-r", "backends/lint.txt")
     s.run("ruff", "check", ".")
+
+
+@nox.session
+def docs(s):
+    """The documentation site, built with warnings as errors, and every snippet in it run."""
+    s.install("-r", "backends/docs.txt")
+    s.install("--no-deps", "-e", ".")
+    s.run("mkdocs", "build", "--strict", "--site-dir", f"{s.create_tmp()}/site",
+          env={"NO_MKDOCS_2_WARNING": "1"})
+    s.run("pytest", "tests/test_docs.py", *s.posargs,
+          env={"TRACT_REQUIRE": "numpy torch jax flax equinox optax tensorflow keras"})

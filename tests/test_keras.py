@@ -1,0 +1,406 @@
+"""Keras 3 layers on the active backend (KERAS_BACKEND=tensorflow, jax or torch).
+
+The fixture cases that Keras can express ('valid'/'same' zero padding, no stride with
+dilation) run through the TrAct layers; forward values and input gradients must be the
+plain Keras layer's, the kernel gradient the fixture's. Fixtures are in torch layout:
+x (N, C, *spatial), weight (M, C/g, *k); Keras kernels are (*k, C/g, M), Dense (n, m).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CASES, assert_close, case_id, need
+
+keras = need("keras")
+BACKEND = keras.backend.backend()
+framework = need(BACKEND)
+if BACKEND == "jax":
+    framework.config.update("jax_enable_x64", True)  # the float64 fixture checks
+
+import tract_core  # noqa: E402
+import tract_core.keras as tk  # noqa: E402
+
+CONV_LAYERS = {"conv1d": "Conv1D", "conv2d": "Conv2D", "conv3d": "Conv3D"}
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def tf_same_pads(spatial, kernel, strides, dilation):
+    """Keras/TF 'same': total pad from ceil(size / stride), odd pixel high."""
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilation):
+        total = max((math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size, 0)
+        pads.append([total // 2, total - total // 2])
+    return pads
+
+
+def keras_padding(case):
+    """'valid' or 'same' when the case's pads are what Keras would use, else None."""
+    pads = [list(p) for p in case.pads]
+    if all(p == [0, 0] for p in pads):
+        return "valid"
+    if pads == tf_same_pads(case.x.shape[2:], case.kernel, case.stride, case.dilation):
+        return "same"
+    return None
+
+
+def keras_expressible(case):
+    if case.kind == "linear":
+        return True
+    return (case.padding_mode == "zeros" and keras_padding(case) is not None
+            and not (max(case.stride) > 1 and max(case.dilation) > 1))
+
+
+KERAS_CASES = [c for c in CASES if keras_expressible(c)]
+KERAS_CONV_CASES = [c for c in KERAS_CASES if c.kind != "linear"]
+
+
+def to_keras_kernel(weight):
+    if weight.ndim == 2:
+        return weight.T
+    d = weight.ndim - 2
+    return np.transpose(weight, (*range(2, d + 2), 1, 0))
+
+
+def to_torch_weight(kernel):
+    if kernel.ndim == 2:
+        return kernel.T
+    d = kernel.ndim - 2
+    return np.transpose(kernel, (d + 1, d, *range(d)))
+
+
+def channels_last(a):
+    return np.moveaxis(a, 1, -1)
+
+
+def channels_first(a):
+    return np.moveaxis(a, -1, 1)
+
+
+def keras_layout(case, a):
+    """A fixture array (torch layout) as the channels-last Keras layer takes it."""
+    return a if case.kind == "linear" else channels_last(a)
+
+
+def torch_layout(case, a):
+    return a if case.kind == "linear" else channels_first(a)
+
+
+def make_layer(case, tract, dtype, data_format="channels_last"):
+    """The case's layer, built, holding the fixture weights."""
+    # Zeros: the fixture weights replace them, and random init compiles on JAX.
+    init = dict(kernel_initializer="zeros")
+    if case.kind == "linear":
+        kwargs = dict(units=case.out, use_bias=case.has_bias, dtype=dtype, **init)
+        layer = tk.TrActDense(lam=case.lam, **kwargs) if tract else keras.layers.Dense(**kwargs)
+        shape = case.x.shape
+    else:
+        kwargs = dict(filters=case.out, kernel_size=tuple(case.kernel),
+                      strides=tuple(case.stride), padding=keras_padding(case),
+                      dilation_rate=tuple(case.dilation), groups=case.groups,
+                      use_bias=case.has_bias, data_format=data_format, dtype=dtype, **init)
+        name = CONV_LAYERS[case.kind]
+        layer = (getattr(tk, f"TrAct{name}")(lam=case.lam, **kwargs) if tract
+                 else getattr(keras.layers, name)(**kwargs))
+        shape = case.x.shape if data_format == "channels_first" else channels_last(case.x).shape
+    layer.build(shape)
+    weights = [to_keras_kernel(case.weight)] + ([case.bias] if case.has_bias else [])
+    layer.set_weights(weights)
+    return layer
+
+
+# --------------------------------------------------------------------------- autodiff
+
+
+def forward_backward(layer, x, grad_z, tf_graph=False):
+    """z and the gradients of <z, grad_z> w.r.t. x, kernel, [bias]; numpy arrays.
+
+    tf_graph: on TensorFlow, run inside tf.function (eager Conv3D gradients without
+    dilation fail in TF 2.21 itself, plain layer included).
+    """
+    if BACKEND == "tensorflow":
+        tf = framework
+
+        def run(x, grad_z):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                z = layer(x)
+            grads = tape.gradient(z, [x, *layer.trainable_variables],
+                                  output_gradients=tf.cast(grad_z, z.dtype))
+            return [z, *grads]
+
+        if tf_graph:
+            run = tf.function(run)
+        return [np.asarray(t) for t in run(tf.constant(x), tf.constant(grad_z))]
+    if BACKEND == "torch":
+        torch = framework
+        x = torch.tensor(x, requires_grad=True)
+        z = layer(x)
+        z.backward(torch.tensor(grad_z).to(z.dtype))
+        grads = [x.grad] + [v.value.grad for v in layer.trainable_variables]
+        return [t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+                for t in [z, *grads]]
+    jax, jnp = framework, framework.numpy
+    trainable = [v.value for v in layer.trainable_variables]
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def apply(trainable, x):
+        return layer.stateless_call(trainable, frozen, x)[0]
+
+    @jax.jit  # as Keras trains; op-by-op dispatch would compile every small op alone
+    def run(trainable, x, grad_z):
+        z, vjp = jax.vjp(apply, trainable, x)
+        grad_vars, grad_x = vjp(grad_z.astype(z.dtype))
+        return [z, grad_x, *grad_vars]
+
+    return [np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
+            for t in run(trainable, jnp.asarray(x), jnp.asarray(grad_z))]
+
+
+def run_case(layer, case, dtype, channels_first_layer=False):
+    def layout(a):
+        return a if channels_first_layer else keras_layout(case, a)
+
+    return forward_backward(layer, layout(case.x).astype(dtype),
+                            layout(case.grad_z).astype(dtype))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.mark.parametrize("name", ["linear_tokens_b_lt_n", "conv2d_stride2_pixels",
+                                  "conv3d_dilation_same_pixels"])
+def test_tract_layer_matches_fixture_float64(name):
+    """End to end in float64 (a few cases: each compiles on JAX; float32 covers them all)."""
+    case = next(c for c in KERAS_CASES if c.name == name)
+    layer = make_layer(case, tract=True, dtype="float64")
+    z, grad_x, grad_kernel, *grad_bias = run_case(layer, case, np.float64)
+    assert_close(torch_layout(case, z), case.z, 1e-12, "z")
+    assert_close(torch_layout(case, grad_x), case.grad_x, 1e-12, "grad_x")
+    assert_close(to_torch_weight(grad_kernel), case.grad_weight, 1e-8, "grad_weight")
+    if case.has_bias:
+        assert_close(grad_bias[0], case.grad_bias, 1e-12, "grad_bias")
+
+
+@pytest.mark.parametrize("case", KERAS_CASES, ids=case_id)
+def test_float32_equals_plain_layer_and_kernel_grad_is_tracts(case):
+    z_p, grad_x_p, grad_kernel_p, *grad_bias_p = run_case(
+        make_layer(case, tract=False, dtype="float32"), case, np.float32)
+    z, grad_x, grad_kernel, *grad_bias = run_case(
+        make_layer(case, tract=True, dtype="float32"), case, np.float32)
+    np.testing.assert_array_equal(z, z_p)
+    np.testing.assert_array_equal(grad_x, grad_x_p)
+    if case.has_bias:
+        np.testing.assert_array_equal(grad_bias[0], grad_bias_p[0])
+    assert grad_kernel.dtype == np.float32
+    assert_close(to_torch_weight(grad_kernel), case.grad_weight, 2e-4, "grad_weight")
+    # The plain layer's kernel gradient is far from TrAct's: the check can fail.
+    plain_error = np.linalg.norm(to_torch_weight(grad_kernel_p) - case.grad_weight)
+    assert plain_error > 1e-2 * np.linalg.norm(case.grad_weight)
+
+
+@pytest.mark.parametrize("name", ["conv1d_pixels_valid", "conv2d_depthwise_b_lt_n",
+                                  "conv3d_stride_groups"])
+def test_channels_first(name):
+    case = next(c for c in KERAS_CONV_CASES if c.name == name)
+    z, grad_x, grad_kernel, *_ = run_case(
+        make_layer(case, tract=True, dtype="float32", data_format="channels_first"), case,
+        np.float32, channels_first_layer=True)
+    if BACKEND == "tensorflow":
+        # TF's CPU kernels have no channels-first convolution: compare with channels-last.
+        z_p, grad_x_p, *_ = run_case(make_layer(case, tract=False, dtype="float32"), case,
+                                     np.float32)
+        z_p, grad_x_p = channels_first(z_p), channels_first(grad_x_p)
+    else:
+        z_p, grad_x_p, *_ = run_case(
+            make_layer(case, tract=False, dtype="float32", data_format="channels_first"), case,
+            np.float32, channels_first_layer=True)
+    np.testing.assert_array_equal(z, z_p)
+    np.testing.assert_array_equal(grad_x, grad_x_p)
+    assert_close(to_torch_weight(grad_kernel), case.grad_weight, 2e-4, "grad_weight")
+
+
+def reference_conv_kernel_grad(x, grad_z, kernel_size, strides, dilation, pads, lam):
+    """TrAct's kernel gradient from the numpy core, channels-last in, Keras layout out."""
+    xf = np.pad(channels_first(x).astype(np.float64), [(0, 0), (0, 0), *pads])
+    rows = tract_core.conv_patches(xf, kernel_size, strides, dilation, 1)
+    grads = grad_z.astype(np.float64).reshape(1, -1, grad_z.shape[-1])
+    weight = tract_core.weight_grad(rows, grads, lam)[0]  # (M, C * K)
+    channels = x.shape[-1]
+    return to_keras_kernel(weight.reshape(weight.shape[0], channels, *kernel_size))
+
+
+@pytest.mark.parametrize("layer_name, x_shape, options", [
+    ("Conv2D", (3, 8, 8, 3), dict(kernel_size=3, strides=2, padding="same")),  # pads (0, 1)
+    ("Conv2D", (2, 9, 7, 2), dict(kernel_size=(4, 2), padding="same")),  # pads (1, 2), (0, 1)
+    ("Conv1D", (4, 12, 3), dict(kernel_size=3, padding="causal", dilation_rate=2)),
+    ("Conv3D", (2, 6, 5, 4, 1), dict(kernel_size=2, strides=2, padding="same")),
+])
+def test_keras_padding_options_match_plain_layer(layer_name, x_shape, options):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    rank = len(x_shape) - 2
+    plain = getattr(keras.layers, layer_name)(5, **options)
+    tract = getattr(tk, f"TrAct{layer_name}")(5, lam=0.1, **options)
+    plain.build(x_shape)
+    tract.build(x_shape)
+    tract.set_weights(plain.get_weights())
+    grad_z = rng.normal(size=tuple(plain.compute_output_shape(x_shape))).astype(np.float32)
+    z_p, grad_x_p, *_ = forward_backward(plain, x, grad_z, tf_graph=rank == 3)
+    z, grad_x, grad_kernel, _ = forward_backward(tract, x, grad_z, tf_graph=rank == 3)
+    np.testing.assert_array_equal(z, z_p)
+    np.testing.assert_array_equal(grad_x, grad_x_p)
+    kernel_size, strides = tract.kernel_size, tract.strides
+    if options["padding"] == "causal":
+        pads = [(tract.dilation_rate[0] * (kernel_size[0] - 1), 0)]
+    else:
+        pads = tf_same_pads(x_shape[1:-1], kernel_size, strides, (1,) * rank)
+    expected = reference_conv_kernel_grad(x, grad_z, kernel_size, strides, tract.dilation_rate,
+                                          pads, 0.1)
+    assert_close(grad_kernel, expected, 2e-4, "grad_kernel")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def sgd_model(first_layer, input_shape):
+    model = keras.Sequential([keras.Input(input_shape), first_layer, keras.layers.Flatten()])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_fit_dense_step_is_sgd_on_tract_gradient(batch):
+    """One fit step (batch size unknown while tracing) moves the kernel by -lr * TrAct grad."""
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, 6)).astype(np.float32)
+    y = rng.normal(size=(batch, 3)).astype(np.float32)
+    model = sgd_model(tk.TrActDense(3, lam=0.1), (6,))
+    kernel, bias = (w.astype(np.float64) for w in model.get_weights())
+    z = x @ kernel + bias
+    grad_z = 2 * (z - y) / z.size  # d mean((z - y)^2) / dz
+    expected = kernel - 0.1 * tract_core.weight_grad(x.astype(np.float64), grad_z, 0.1).T
+    model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    new_kernel = model.get_weights()[0]
+    assert_close(new_kernel - kernel, expected - kernel, 1e-4, "kernel update")
+    np.testing.assert_allclose(model.get_weights()[1], bias - 0.1 * grad_z.sum(0), rtol=1e-5)
+
+
+def test_fit_conv_step_is_sgd_on_tract_gradient():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, size=(5, 8, 8, 3)).astype(np.float32)  # pixel scale
+    conv = tk.TrActConv2D(4, 3, strides=2, padding="same", lam=0.1)
+    model = sgd_model(conv, (8, 8, 3))
+    y = rng.normal(size=(5, 4 * 4 * 4)).astype(np.float32)
+    kernel = model.get_weights()[0].astype(np.float64)
+    z = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
+    grad_z = (2 * (z - y) / z.size).reshape(5, 4, 4, 4)
+    expected_step = -0.1 * reference_conv_kernel_grad(x, grad_z, (3, 3), (2, 2), (1, 1),
+                                                      [(0, 1), (0, 1)], 0.1)
+    model.fit(x, y, batch_size=5, epochs=1, shuffle=False, verbose=0)
+    assert_close(model.get_weights()[0] - kernel, expected_step, 1e-3, "kernel update")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def two_layer_model(tract, lam_conv=0.2, lam_dense=0.05):
+    if tract:
+        conv, dense = tk.TrActConv2D(4, 3, lam=lam_conv), tk.TrActDense(2, lam=lam_dense)
+    else:
+        conv, dense = keras.layers.Conv2D(4, 3), keras.layers.Dense(2)
+    return keras.Sequential([keras.Input((6, 6, 3)), conv, keras.layers.Flatten(), dense])
+
+
+def test_keras_file_round_trip_keeps_lam_and_outputs(tmp_path):
+    model = two_layer_model(tract=True)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects: registered on import
+    conv, dense = loaded.layers[0], loaded.layers[2]
+    assert type(conv) is tk.TrActConv2D and type(dense) is tk.TrActDense
+    assert (conv.lam, dense.lam) == (0.2, 0.05)
+    assert conv.get_config()["lam"] == 0.2
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)),
+                                  keras.ops.convert_to_numpy(model(x)))
+
+
+def test_plain_weights_load_into_tract_model_and_back():
+    plain, tract = two_layer_model(tract=False), two_layer_model(tract=True)
+    assert [(w.name, tuple(w.shape)) for w in plain.weights] == \
+        [(w.name, tuple(w.shape)) for w in tract.weights]
+    tract.set_weights(plain.get_weights())
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(tract(x)),
+                                  keras.ops.convert_to_numpy(plain(x)))
+    fresh = two_layer_model(tract=False)
+    fresh.set_weights(tract.get_weights())
+    for a, b in zip(fresh.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wrap_copies_config_and_weights():
+    plain = keras.layers.Conv2D(4, 3, strides=2, padding="same", groups=1, use_bias=False,
+                                name="stem")
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype(np.float32)
+    z = keras.ops.convert_to_numpy(plain(x))
+    twin = tk.wrap(plain, lam=0.2)
+    assert type(twin) is tk.TrActConv2D and twin.lam == 0.2 and twin.built
+    assert twin.name == "stem" and twin.strides == (2, 2) and not twin.use_bias
+    assert {k: v for k, v in twin.get_config().items() if k != "lam"} == plain.get_config()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(twin(x)), z)
+    assert tk.wrap(twin, lam=0.05).lam == 0.05 and twin.lam == 0.2
+    dense = tk.wrap(keras.layers.Dense(3), lam=0.1)  # not built: config only
+    assert type(dense) is tk.TrActDense and not dense.built
+    with pytest.raises(TypeError, match="wrap"):
+        tk.wrap(keras.layers.LSTM(3))
+
+
+@pytest.mark.parametrize("lam", [0, -1.0, math.nan, math.inf, "0.1", None])
+def test_bad_lam_raises_value_error(lam):
+    with pytest.raises(ValueError, match="lam"):
+        tk.TrActDense(3, lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tk.TrActConv2D(4, 3, lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tk.wrap(keras.layers.Conv1D(2, 3), lam=lam)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("name", ["linear_tokens", "conv2d_cifar_stem"])
+def test_mixed_bfloat16(name):
+    case = next(c for c in KERAS_CASES if c.name == name)
+    layer = make_layer(case, tract=True, dtype="mixed_bfloat16")
+    assert layer.kernel.dtype == "float32" and layer.compute_dtype == "bfloat16"
+    z, _, grad_kernel, *_ = run_case(layer, case, np.float32)
+    assert grad_kernel.dtype == np.float32  # the variable's gradient
+    # bf16 operands carry ~3 digits; the Gram and the solve run in float32.
+    assert_close(to_torch_weight(grad_kernel), case.grad_weight, 5e-2, "grad_weight")
+    assert_close(torch_layout(case, z), case.z, 2e-2, "z")
+
+
+def test_imports_only_the_active_backends_adapter():
+    """tract_core.keras loads its adapter lazily, and only the active backend's."""
+    script = (
+        "import json, sys, numpy as np, tract_core.keras as tk\n"
+        "adapters = lambda: sorted({'tract_core.tensorflow', 'tract_core.jax',\n"
+        "                           'tract_core.torch', 'tract_core.flax'} & set(sys.modules))\n"
+        "before = adapters()\n"
+        "tk.TrActDense(2)(np.ones((3, 4), 'float32'))\n"
+        "print(json.dumps([before, adapters()]))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, check=True)
+    before, after = json.loads(result.stdout.strip().splitlines()[-1])
+    assert before == []
+    assert after == [tk._ADAPTERS[BACKEND]]

@@ -1,0 +1,262 @@
+"""TensorFlow adapter: dense/conv against the float64 fixtures and the plain TF ops.
+
+Every fixture case with zero padding runs eagerly and under ``tf.function`` with and
+without XLA. Fixtures are in torch layout: x (N, C, *spatial), weight (M, C/g, *k); the
+helpers below translate to TF's channels-last x and (*k, C/g, M) kernels.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import CASES, assert_close, case_id, need
+
+tf = need("tensorflow")
+ttf = pytest.importorskip("tract_core.tensorflow")
+
+TF_CASES = [c for c in CASES if c.kind == "linear" or c.padding_mode == "zeros"]
+MODES = ["eager", "graph", "xla"]
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def to_channels_last(a):
+    return np.moveaxis(a, 1, -1)
+
+
+def to_tf_kernel(weight):
+    """(M, C/g, *k) -> (*k, C/g, M)."""
+    d = weight.ndim - 2
+    return np.transpose(weight, (*range(2, d + 2), 1, 0))
+
+
+def to_torch_weight(kernel):
+    """(*k, C/g, M) -> (M, C/g, *k)."""
+    d = kernel.ndim - 2
+    return np.transpose(kernel, (d + 1, d, *range(d)))
+
+
+def tf_arrays(case):
+    """x, kernel, bias, grad_z of a case in TF layout (float64 numpy)."""
+    if case.kind == "linear":
+        return case.x, case.weight.T, case.get("bias"), case.grad_z
+    return (to_channels_last(case.x), to_tf_kernel(case.weight), case.get("bias"),
+            to_channels_last(case.grad_z))
+
+
+def from_tf(case, z, grad_x, grad_kernel):
+    """Back to the fixture's torch layout."""
+    if case.kind == "linear":
+        return z, grad_x, grad_kernel.T
+    return (np.moveaxis(z, -1, 1), np.moveaxis(grad_x, -1, 1), to_torch_weight(grad_kernel))
+
+
+def conv_options(case):
+    return dict(strides=tuple(case.stride), padding=[tuple(p) for p in case.pads],
+                kernel_dilation=tuple(case.dilation), feature_group_count=case.groups)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def tract_op(case, lam=None):
+    lam = case.lam if lam is None else lam
+    if case.kind == "linear":
+        return lambda x, k, b: ttf.dense(x, k, b, lam=lam)
+    return lambda x, k, b: ttf.conv(x, k, b, lam=lam, **conv_options(case))
+
+
+def plain_op(case):
+    """The plain TF op the adapter must reproduce: matmul/tensordot or padded VALID conv."""
+    if case.kind == "linear":
+        def dense(x, k, b):
+            z = tf.matmul(x, k) if x.shape.rank == 2 else tf.tensordot(x, k, [[x.shape.rank - 1],
+                                                                             [0]])
+            return z if b is None else z + b
+        return dense
+
+    pads = [(0, 0), *[tuple(p) for p in case.pads], (0, 0)]
+
+    def convolution(x, k):
+        if max(case.stride) > 1 and max(case.dilation) > 1:
+            # TF refuses both at once: stride 1, then every stride-th output.
+            z = tf.nn.convolution(tf.pad(x, pads), k, 1, "VALID", dilations=tuple(case.dilation))
+            return z[(slice(None), *(slice(None, None, s) for s in case.stride))]
+        return tf.nn.convolution(tf.pad(x, pads), k, tuple(case.stride), "VALID",
+                                 dilations=tuple(case.dilation))
+
+    if case.groups > 1:  # TF's CPU kernels have no grouped convolution gradients
+        convolution = tf.function(convolution, jit_compile=True)
+
+    def conv(x, k, b):
+        z = convolution(x, k)
+        return z if b is None else z + b
+    return conv
+
+
+def value_and_grads(op, x, kernel, bias, grad_z, mode, *more_ops):
+    """z and the gradients of <z, grad_z> w.r.t. x, kernel, bias, in the given mode.
+
+    With more_ops: one such list per op, all from one traced function (one compile).
+    """
+
+    def run(x, kernel, bias, grad_z):
+        results = []
+        for each in (op, *more_ops):
+            sources = [x, kernel] + ([] if bias is None else [bias])
+            with tf.GradientTape() as tape:
+                tape.watch(sources)
+                z = each(x, kernel, bias)
+            results.append([z, *tape.gradient(z, sources, output_gradients=grad_z)])
+        return results
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    results = [[t.numpy() for t in ts] for ts in run(x, kernel, bias, grad_z)]
+    return results if more_ops else results[0]
+
+
+def tensors(arrays, dtype):
+    return [None if a is None else tf.constant(a, dtype=dtype) for a in arrays]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", TF_CASES, ids=case_id)
+def test_matches_fixture_float64_and_plain_op_exactly(case, mode):
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
+    tract, plain = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode,
+                                   plain_op(case))
+    z, grad_x, grad_kernel, *grad_bias = tract
+    z_p, grad_x_p, grad_kernel_p, *grad_bias_p = plain
+    z_t, grad_x_t, grad_w_t = from_tf(case, z, grad_x, grad_kernel)
+    assert_close(z_t, case.z, 1e-12, "z")
+    assert_close(grad_x_t, case.grad_x, 1e-12, "grad_x")
+    assert_close(grad_w_t, case.grad_weight, 1e-8, "grad_weight")
+    if case.has_bias:
+        assert_close(grad_bias[0], case.grad_bias, 1e-12, "grad_bias")
+    # Forward, x and bias gradients: exactly the plain op's, in the same mode.
+    np.testing.assert_array_equal(z, z_p)
+    np.testing.assert_array_equal(grad_x, grad_x_p)
+    if case.has_bias:
+        np.testing.assert_array_equal(grad_bias[0], grad_bias_p[0])
+    # ... and the kernel gradient really is not the plain one.
+    assert np.linalg.norm(grad_kernel - grad_kernel_p) > 1e-3 * np.linalg.norm(grad_kernel_p)
+
+
+@pytest.mark.parametrize("case", TF_CASES, ids=case_id)
+def test_float32_close_to_fixture(case):
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float32)
+    z, grad_x, grad_kernel, *_ = value_and_grads(tract_op(case), x, kernel, bias, grad_z,
+                                                 "eager")
+    assert grad_kernel.dtype == np.float32
+    _, _, grad_w_t = from_tf(case, z, grad_x, grad_kernel)
+    assert_close(grad_w_t, case.grad_weight, 2e-4, "grad_weight")
+
+
+@pytest.mark.parametrize("name", ["linear_tokens", "conv2d_cifar_stem", "conv3d_stride_groups",
+                                  "conv2d_b_lt_n_pixels"])
+def test_bfloat16_runs_and_is_close(name):
+    case = next(c for c in TF_CASES if c.name == name)
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.bfloat16)
+    z, grad_x, grad_kernel, *_ = value_and_grads(tract_op(case), x, kernel, bias, grad_z,
+                                                 "eager")
+    assert grad_kernel.dtype == tf.bfloat16.as_numpy_dtype
+    _, _, grad_w_t = from_tf(case, z, grad_x, grad_kernel.astype(np.float64))
+    # bf16 inputs carry ~3 significant digits; the solve itself runs in float32.
+    assert_close(grad_w_t, case.grad_weight, 0.1, "grad_weight")
+
+
+# --------------------------------------------------------------------------- batch size
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", ["linear_b_lt_n", "linear_rows", "conv2d_b_lt_n_pixels",
+                                  "conv2d_cifar_stem"])
+def test_unknown_batch_size_in_tf_function(name, jit):
+    """Keras traces with batch size None; the kernel gradient chooses its form at run time."""
+    case = next(c for c in TF_CASES if c.name == name)
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
+    op = tract_op(case)
+
+    def run(x, grad_z):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            z = op(x, kernel, bias)
+        return tape.gradient(z, kernel, output_gradients=grad_z)
+
+    unknown = [tf.TensorSpec((None, *x.shape[1:]), tf.float64),
+               tf.TensorSpec((None, *grad_z.shape[1:]), tf.float64)]
+    graph = tf.function(run, input_signature=unknown, jit_compile=jit)
+    grad_kernel = graph(x, grad_z).numpy()
+    _, _, grad_w_t = from_tf(case, case.z, case.x, grad_kernel)
+    assert_close(grad_w_t, case.grad_weight, 1e-8, "grad_weight")
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("lam", [0, -0.1, math.nan, math.inf, "0.1", None, True])
+def test_bad_lam_raises_value_error(lam):
+    x, kernel = tf.ones((4, 3)), tf.ones((3, 2))
+    with pytest.raises(ValueError, match="lam"):
+        ttf.dense(x, kernel, lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        ttf.conv(tf.ones((1, 5, 5, 2)), tf.ones((3, 3, 2, 4)), lam=lam)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["linear_rows", "linear_b_lt_n", "conv2d_cifar_stem",
+                                  "conv2d_depthwise_b_lt_n"])
+def test_nan_in_x_gives_nan_kernel_grad_without_raising(name, mode):
+    case = next(c for c in TF_CASES if c.name == name)
+    x, kernel, bias, grad_z = tf_arrays(case)
+    x = x.copy()
+    x.flat[3] = np.nan
+    x, kernel, bias, grad_z = tensors((x, kernel, bias, grad_z), tf.float32)
+    _, _, grad_kernel, *_ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)
+    assert np.isnan(grad_kernel).any()
+
+
+def test_variable_kernel_and_bias_get_tract_gradients():
+    case = next(c for c in TF_CASES if c.name == "conv2d_cifar_stem")
+    x, kernel, bias, grad_z = tf_arrays(case)
+    kernel_var, bias_var = tf.Variable(kernel), tf.Variable(bias)
+    with tf.GradientTape() as tape:
+        z = ttf.conv(tf.constant(x), kernel_var, bias_var, padding="SAME", lam=case.lam)
+    grad_kernel, grad_bias = tape.gradient(z, [kernel_var, bias_var],
+                                           output_gradients=tf.constant(grad_z))
+    assert_close(to_torch_weight(grad_kernel.numpy()), case.grad_weight, 1e-8, "grad_weight")
+    assert_close(grad_bias, case.grad_bias, 1e-12, "grad_bias")
+
+
+def test_same_padding_with_stride_follows_tf_rules():
+    """'SAME' with stride 2 on an even size pads (0, 1): forward equals tf.nn.convolution."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 8, 8, 3)))
+    kernel = tf.constant(rng.normal(size=(3, 3, 3, 4)))
+    z = ttf.conv(x, kernel, strides=2, padding="SAME")
+    np.testing.assert_array_equal(z, tf.nn.convolution(x, kernel, 2, "SAME"))
+    # The kernel gradient sees the same pads: compare with explicit (0, 1) pads.
+    grad_z = tf.constant(rng.normal(size=z.shape))
+    _, _, same, *_ = value_and_grads(
+        lambda x, k, b: ttf.conv(x, k, strides=2, padding="SAME"), x, kernel, None, grad_z,
+        "eager")
+    _, _, explicit, *_ = value_and_grads(
+        lambda x, k, b: ttf.conv(x, k, strides=2, padding=[(0, 1), (0, 1)]), x, kernel, None,
+        grad_z, "eager")
+    np.testing.assert_allclose(same, explicit, rtol=1e-12)
+
+
+def test_bad_shapes_raise_value_error():
+    with pytest.raises(ValueError, match="x must have shape"):
+        ttf.dense(tf.ones((4, 5)), tf.ones((3, 2)))
+    with pytest.raises(ValueError, match="bias"):
+        ttf.dense(tf.ones((4, 3)), tf.ones((3, 2)), tf.ones((3,)))
+    with pytest.raises(ValueError, match="feature_group_count"):
+        ttf.conv(tf.ones((1, 5, 5, 4)), tf.ones((3, 3, 3, 4)), feature_group_count=2)
+    with pytest.raises(ValueError, match="padding"):
+        ttf.conv(tf.ones((1, 5, 5, 2)), tf.ones((3, 3, 2, 4)), padding="FULL")

@@ -9,11 +9,12 @@ FRAMEWORKS = {"torch", "jax", "jaxlib", "flax", "equinox", "tensorflow", "keras"
 # Each module may import these frameworks and these tract_core modules (the house's layers).
 ALLOWED = {
     "_core": (set(), {"_backends"}),
-    "_backends": ({"torch", "jax"}, set()),  # lazily, only for arrays of that library
+    "_backends": ({"torch", "jax"}, set()),
+    "_args": (set(), set()),  # lazily, only for arrays of that library
     "__init__": (set(), {"_core"}),
     "torch": ({"torch"}, {"_core", "__init__"}),
-    "jax": ({"jax"}, {"_core", "__init__"}),
-    "tensorflow": ({"tensorflow"}, {"_core", "__init__"}),
+    "jax": ({"jax"}, {"_core", "_args", "__init__"}),
+    "tensorflow": ({"tensorflow"}, {"_core", "_args", "__init__"}),
     "flax": ({"jax", "flax"}, {"jax", "_core", "__init__"}),
     "keras": ({"keras", "torch", "jax", "tensorflow"},
               {"torch", "jax", "tensorflow", "_core", "__init__"}),

@@ -58,18 +58,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 import tract_core as _tc
+from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis
 
 __all__ = ["conv", "dense"]
 
-_PAD_STRINGS = ("SAME", "SAME_LOWER", "VALID")
 
 
 # --------------------------------------------------------------------------- layers
@@ -142,7 +140,7 @@ class _Conv:
 
     lam: float
     strides: tuple
-    padding: str | tuple  # one of _PAD_STRINGS, or ((lo, hi), ...) per spatial axis
+    padding: str | tuple  # one of PAD_STRINGS, or ((lo, hi), ...) per spatial axis
     dilation: tuple
     groups: int
     precision: object = None
@@ -416,36 +414,6 @@ def _tract_op(layer):
 # --------------------------------------------------------------------------- arguments
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _per_axis(value, count, name, minimum=1):
-    """An int or a length-``count`` sequence of ints (each >= minimum) as a tuple."""
-    values = (value,) * count if _is_int(value) else value
-    if (isinstance(values, Sequence) and not isinstance(values, str) and len(values) == count
-            and all(_is_int(v) and v >= minimum for v in values)):
-        return tuple(int(v) for v in values)
-    raise ValueError(f"{name} must be an int >= {minimum} or a sequence of {count} such ints "
-                     f"(one per spatial axis), got {value!r}")
-
-
-def _padding(padding, count):
-    """'SAME'/'SAME_LOWER'/'VALID', an int, or per-axis ints or (lo, hi) pairs."""
-    if isinstance(padding, str):
-        if padding.upper() in _PAD_STRINGS:
-            return padding.upper()
-    elif _is_int(padding):
-        return ((int(padding), int(padding)),) * count
-    elif isinstance(padding, Sequence) and len(padding) == count:
-        pairs = tuple((p, p) if _is_int(p) else tuple(p) if isinstance(p, Sequence) else None
-                      for p in padding)
-        if all(p is not None and len(p) == 2 and all(_is_int(v) for v in p) for p in pairs):
-            return tuple((int(lo), int(hi)) for lo, hi in pairs)
-    raise ValueError(f"padding must be 'SAME', 'VALID', 'SAME_LOWER', an int, or a sequence of "
-                     f"{count} ints or (lo, hi) pairs (one per spatial axis), got {padding!r}")
-
-
 def _precision(precision):
     # Hashable, so it can be part of the static configuration.
     return tuple(precision) if isinstance(precision, list) else precision
@@ -493,12 +461,6 @@ def _varying_alike(*arrays):
     return tuple(cast(a) for a in arrays)
 
 
-def _check_bias(bias, m):
-    if bias is not None and tuple(jnp.shape(bias)) != (m,):
-        raise ValueError(f"bias must have shape ({m},) (one per output feature), "
-                         f"got shape {tuple(jnp.shape(bias))}")
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -528,7 +490,7 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
     if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != jnp.shape(kernel)[0]:
         raise ValueError(f"x must have shape (..., {jnp.shape(kernel)[0]}) to match kernel "
                          f"{tuple(jnp.shape(kernel))}, got shape {tuple(jnp.shape(x))}")
-    _check_bias(bias, jnp.shape(kernel)[1])
+    check_bias_shape(None if bias is None else jnp.shape(bias), jnp.shape(kernel)[1])
     layer = _Dense(lam, _precision(precision), _axis_name(axis_name))
     return _tract_op(layer)(*_varying_alike(x, kernel, bias))
 
@@ -570,7 +532,7 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         raise ValueError(f"x must have shape (N, *spatial, C) with {spatial} spatial axes to "
                          f"match kernel {tuple(jnp.shape(kernel))}, got shape "
                          f"{tuple(jnp.shape(x))}")
-    if not _is_int(feature_group_count) or feature_group_count < 1:
+    if not is_int(feature_group_count) or feature_group_count < 1:
         raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
     *_, c_g, m = jnp.shape(kernel)
     if jnp.shape(x)[-1] != c_g * feature_group_count or m % feature_group_count:
@@ -579,12 +541,12 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
             f"feature_group_count ({feature_group_count}), and kernel output channels ({m}) "
             f"must be divisible by it"
         )
-    _check_bias(bias, m)
+    check_bias_shape(None if bias is None else jnp.shape(bias), m)
     layer = _Conv(
         lam=lam,
-        strides=_per_axis(strides, spatial, "strides"),
-        padding=_padding(padding, spatial),
-        dilation=_per_axis(kernel_dilation, spatial, "kernel_dilation"),
+        strides=per_axis(strides, spatial, "strides"),
+        padding=conv_padding(padding, spatial),
+        dilation=per_axis(kernel_dilation, spatial, "kernel_dilation"),
         groups=int(feature_group_count),
         precision=_precision(precision),
         axis_name=_axis_name(axis_name),

@@ -29,14 +29,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 import types
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 import tract_core as _tc
+from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis
 
 __all__ = ["conv", "dense"]
 
@@ -191,12 +190,6 @@ def _dense_kernel_grad(x, grad_z, kernel, lam):
     return tf.cast(tf.transpose(grad_w[0]), kernel.dtype)
 
 
-def _check_bias(bias, m):
-    if bias is not None and tuple(bias.shape) != (m,):
-        raise ValueError(f"bias must have shape ({m},) (one per output feature), "
-                         f"got shape {tuple(bias.shape)}")
-
-
 def dense(x, kernel, bias=None, *, lam=0.1):
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
@@ -221,7 +214,7 @@ def dense(x, kernel, bias=None, *, lam=0.1):
                          f"{tuple(kernel.shape)}, got shape {tuple(x.shape)}")
     if bias is not None:
         bias = tf.convert_to_tensor(bias, dtype=kernel.dtype)
-    _check_bias(bias, kernel.shape[1])
+    check_bias_shape(None if bias is None else bias.shape, kernel.shape[1])
     z = _plain_dense(x, tf.stop_gradient(kernel))
     if bias is not None:
         z = z + bias
@@ -229,37 +222,6 @@ def dense(x, kernel, bias=None, *, lam=0.1):
 
 
 # --------------------------------------------------------------------------- conv
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _per_axis(value, count, name):
-    values = (value,) * count if _is_int(value) else value
-    if (isinstance(values, Sequence) and not isinstance(values, str) and len(values) == count
-            and all(_is_int(v) and v >= 1 for v in values)):
-        return tuple(int(v) for v in values)
-    raise ValueError(f"{name} must be an int >= 1 or a sequence of {count} such ints "
-                     f"(one per spatial axis), got {value!r}")
-
-
-def _padding(padding, count):
-    """'SAME'/'VALID'/'SAME_LOWER' (upper-cased), or ((lo, hi), ...) per spatial axis."""
-    if isinstance(padding, str):
-        if padding.upper() in ("SAME", "VALID", "SAME_LOWER"):
-            return padding.upper()
-    elif _is_int(padding) and padding >= 0:
-        return ((int(padding), int(padding)),) * count
-    elif isinstance(padding, Sequence) and len(padding) == count:
-        pairs = tuple((p, p) if _is_int(p) else tuple(p) if isinstance(p, Sequence) else None
-                      for p in padding)
-        if all(p is not None and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
-               for p in pairs):
-            return tuple((int(lo), int(hi)) for lo, hi in pairs)
-    raise ValueError(f"padding must be 'SAME', 'VALID', 'SAME_LOWER', an int >= 0, or a "
-                     f"sequence of {count} ints or (lo, hi) pairs >= 0 (one per spatial "
-                     f"axis), got {padding!r}")
 
 
 def _resolve_pads(padding, spatial, window, strides, dilation):
@@ -394,7 +356,7 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         raise ValueError(f"x must have shape (N, *spatial, C) with {spatial} static spatial "
                          f"axes and static C to match kernel {tuple(kernel.shape)}, got shape "
                          f"{tuple(x.shape)}")
-    if not _is_int(feature_group_count) or feature_group_count < 1:
+    if not is_int(feature_group_count) or feature_group_count < 1:
         raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
     *_, c_g, m = kernel.shape
     if x.shape[-1] != c_g * feature_group_count or m % feature_group_count:
@@ -405,11 +367,11 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         )
     if bias is not None:
         bias = tf.convert_to_tensor(bias, dtype=kernel.dtype)
-    _check_bias(bias, m)
+    check_bias_shape(None if bias is None else bias.shape, m)
     geometry = _ConvGeometry(
-        strides=_per_axis(strides, spatial, "strides"),
-        padding=_padding(padding, spatial),
-        dilation=_per_axis(kernel_dilation, spatial, "kernel_dilation"),
+        strides=per_axis(strides, spatial, "strides"),
+        padding=conv_padding(padding, spatial, minimum=0),
+        dilation=per_axis(kernel_dilation, spatial, "kernel_dilation"),
         groups=int(feature_group_count),
     )
     z = _plain_conv(x, tf.stop_gradient(kernel), geometry)

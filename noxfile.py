@@ -27,9 +27,11 @@ BACKENDS = {
                     {"KERAS_BACKEND": "torch"}),
     "examples": ("examples", "numpy torch sklearn matplotlib tqdm", ["tests/test_examples.py"],
                  {}),
-    # Exact data parallelism: 2 gloo processes (torch), 2 forced host devices (JAX).
-    "distributed": ("distributed", "numpy torch jax",
-                    ["tests/test_distributed_torch.py", "tests/test_distributed_jax.py"], {}),
+    # Exact data parallelism: 2 gloo processes (torch), 2 forced host devices (JAX),
+    # MirroredStrategy over 2 logical CPUs (TensorFlow, Keras).
+    "distributed": ("distributed", "numpy torch jax tensorflow keras",
+                    ["tests/test_distributed_torch.py", "tests/test_distributed_jax.py",
+                     "tests/test_distributed_tensorflow.py"], {}),
 }
 
 

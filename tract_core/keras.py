@@ -52,12 +52,19 @@ def _adapter(backend):
 # Keras kernel, and returns the bias-free output the plain Keras backend op would give.
 
 
-def _dense_op(x, kernel, lam):
+def _tract_kwargs(backend, lam, sync):
+    """The adapter's TrAct options. On JAX, Keras's data parallelism jits over the
+    global, sharded batch, so the Gram is already the full batch's: nothing to sync."""
+    return {"lam": lam} if backend == "jax" else {"lam": lam, "sync": sync}
+
+
+def _dense_op(x, kernel, lam, sync=False):
     backend = keras.backend.backend()
     adapter = _adapter(backend)
+    tract = _tract_kwargs(backend, lam, sync)
     if backend == "torch":
-        return adapter.linear(x, kernel.T, None, lam=lam)  # torch weight layout (m, n)
-    return adapter.dense(x, kernel, None, lam=lam)
+        return adapter.linear(x, kernel.T, None, **tract)  # torch weight layout (m, n)
+    return adapter.dense(x, kernel, None, **tract)
 
 
 def _same_pads(spatial, kernel_size, strides, dilation):
@@ -70,7 +77,7 @@ def _same_pads(spatial, kernel_size, strides, dilation):
     return pads
 
 
-def _torch_conv(adapter, x, kernel, strides, padding, dilation, groups, channels_last, lam):
+def _torch_conv(adapter, x, kernel, strides, padding, dilation, groups, channels_last, tract):
     """As Keras's torch backend runs ``ops.conv``: channels-first operands (channels-last
     memory format when the layer is channels-last), 'same' as explicit pads."""
     import torch
@@ -91,23 +98,24 @@ def _torch_conv(adapter, x, kernel, strides, padding, dilation, groups, channels
         else:  # torch's conv takes symmetric pads only
             x = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
     z = adapter.conv(x, weight, None, stride=strides, padding=torch_padding,
-                     dilation=dilation, groups=groups, lam=lam)
+                     dilation=dilation, groups=groups, **tract)
     if channels_last:
         z = torch.permute(z, (0, *range(2, d + 2), 1))
     return z
 
 
-def _conv_op(x, kernel, strides, padding, dilation, groups, channels_last, lam):
+def _conv_op(x, kernel, strides, padding, dilation, groups, channels_last, lam, sync=False):
     backend = keras.backend.backend()
     adapter = _adapter(backend)
+    tract = _tract_kwargs(backend, lam, sync)
     if backend == "torch":
         return _torch_conv(adapter, x, kernel, strides, padding, dilation, groups,
-                           channels_last, lam)
+                           channels_last, tract)
     d = len(strides)
     if not channels_last:  # the adapters are channels-last, as Keras's default
         x = ops.transpose(x, (0, *range(2, d + 2), 1))
     z = adapter.conv(x, kernel, None, strides=strides, padding=padding.upper(),
-                     kernel_dilation=dilation, feature_group_count=groups, lam=lam)
+                     kernel_dilation=dilation, feature_group_count=groups, **tract)
     if not channels_last:
         z = ops.transpose(z, (0, d + 1, *range(1, d + 1)))
     return z
@@ -117,13 +125,22 @@ def _conv_op(x, kernel, strides, padding, dilation, groups, channels_last, lam):
 
 
 class _TrAct:
-    """Mixin: a TrAct layer is its Keras layer plus ``lam`` (serialized in the config)."""
+    """Mixin: a TrAct layer is its Keras layer plus ``lam`` and ``sync`` (in the config).
 
-    def _set_lam(self, lam):
+    ``sync=True`` sums the Gram and row count over the replicas of a tf.distribute
+    strategy (TensorFlow backend) or the torch.distributed world (torch backend), so the
+    replicas' summed or averaged gradient is the full-batch TrAct gradient. On the JAX
+    backend Keras's data parallelism already computes over the global batch.
+    """
+
+    sync = False
+
+    def _set_lam(self, lam, sync=False):
         self.lam = _tc.check_lam(lam)
+        self.sync = bool(sync)
 
     def get_config(self):
-        return {**super().get_config(), "lam": self.lam}
+        return {**super().get_config(), "lam": self.lam, "sync": self.sync}
 
 
 @keras.saving.register_keras_serializable(package="tract_core")
@@ -133,19 +150,20 @@ class TrActDense(_TrAct, keras.layers.Dense):
     Args:
         units: output features m.
         lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
+        sync: reduce the statistics over data-parallel replicas (see ``_TrAct``).
         **kwargs: any ``keras.layers.Dense`` option.
 
     Input (..., n), output (..., m); every leading position is one row of the Gram.
     """
 
-    def __init__(self, units, lam=0.1, **kwargs):
+    def __init__(self, units, lam=0.1, sync=False, **kwargs):
         lam = _tc.check_lam(lam)  # before building anything
         super().__init__(units, **kwargs)
-        self._set_lam(lam)
+        self._set_lam(lam, sync)
 
     def call(self, inputs, training=None):
         # keras.layers.Dense.call, with the matmul swapped for the adapter's.
-        x = _dense_op(inputs, ops.convert_to_tensor(self.kernel), self.lam)
+        x = _dense_op(inputs, ops.convert_to_tensor(self.kernel), self.lam, self.sync)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
@@ -154,10 +172,10 @@ class TrActDense(_TrAct, keras.layers.Dense):
 
 
 class _TrActConv(_TrAct):
-    def __init__(self, filters, kernel_size, lam=0.1, **kwargs):
+    def __init__(self, filters, kernel_size, lam=0.1, sync=False, **kwargs):
         lam = _tc.check_lam(lam)
         super().__init__(filters, kernel_size, **kwargs)
-        self._set_lam(lam)
+        self._set_lam(lam, sync)
 
     def call(self, inputs):
         # keras.layers.ConvND.call, with ops.conv swapped for the adapter's.
@@ -167,7 +185,7 @@ class _TrActConv(_TrAct):
             padding = "valid"
         outputs = _conv_op(inputs, ops.convert_to_tensor(self.kernel), self.strides, padding,
                            self.dilation_rate, self.groups,
-                           self.data_format == "channels_last", self.lam)
+                           self.data_format == "channels_last", self.lam, self.sync)
         if self.use_bias:
             if self.data_format == "channels_last":
                 bias_shape = (1,) * (self.rank + 1) + (self.filters,)

@@ -112,7 +112,17 @@ def _compute_dtype(dtype):
 # --------------------------------------------------------------------------- backward
 
 
-def _rows_weight_grad(rows, grads, lam):
+def _replica_context(sync):
+    """The tf.distribute replica context to reduce over, or None (single replica)."""
+    if not sync:
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _rows_weight_grad(rows, grads, lam, sync=False):
     """TrAct's weight gradient per group, torch layout, from the core.
 
     Args:
@@ -123,7 +133,17 @@ def _rows_weight_grad(rows, grads, lam):
         (g, m, n). With b known statically the core picks its form (n x n solve for
         b >= n, b x b push-through for b < n); with b unknown (``tf.function`` over a
         batch of unknown size, as Keras traces) a ``tf.cond`` picks it at run time.
+        With ``sync`` inside a tf.distribute replica context of several replicas, the
+        Gram and the row count are summed over the replicas (always the n x n form), so
+        the strategy's gradient sum yields the full-batch TrAct gradient.
     """
+    context = _replica_context(sync)
+    if context is not None:
+        plain = tf.matmul(grads, rows, transpose_a=True)  # G^T X of this replica's rows
+        gram = context.all_reduce(tf.distribute.ReduceOp.SUM, _tc.gram(rows, xp=_TF))
+        count = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                   tf.cast(tf.shape(rows)[-2], gram.dtype))
+        return _tc.precondition(plain, gram, count, lam, xp=_TF)
     b, n = rows.shape[-2], rows.shape[-1]
     if b is not None:
         return _tc.weight_grad(rows, grads, lam, xp=_TF)
@@ -181,16 +201,16 @@ def _plain_dense(x, kernel):
     return tf.tensordot(x, kernel, axes=[[x.shape.rank - 1], [0]])
 
 
-def _dense_kernel_grad(x, grad_z, kernel, lam):
+def _dense_kernel_grad(x, grad_z, kernel, lam, sync):
     n, m = kernel.shape
     dtype = _compute_dtype(x.dtype)
     rows = tf.reshape(tf.cast(x, dtype), (1, -1, n))
     grads = tf.reshape(tf.cast(grad_z, dtype), (1, -1, m))
-    grad_w = _rows_weight_grad(rows, grads, lam)  # (1, m, n)
+    grad_w = _rows_weight_grad(rows, grads, lam, sync)  # (1, m, n)
     return tf.cast(tf.transpose(grad_w[0]), kernel.dtype)
 
 
-def dense(x, kernel, bias=None, *, lam=0.1):
+def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
@@ -198,6 +218,10 @@ def dense(x, kernel, bias=None, *, lam=0.1):
         kernel: (n, m), Keras layout. A ``tf.Variable`` works too.
         bias: (m,) or None.
         lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
+        sync: inside ``strategy.run`` of a tf.distribute strategy with several replicas
+            (e.g. MirroredStrategy), sum the Gram and row count over the replicas in
+            backward, so the summed replica gradients are the full-batch TrAct gradient.
+            Off (default): each replica uses its own rows' statistics.
 
     Returns:
         (..., m), exactly the plain ``tf.matmul`` (2-D x) or ``tf.tensordot`` plus bias,
@@ -218,7 +242,8 @@ def dense(x, kernel, bias=None, *, lam=0.1):
     z = _plain_dense(x, tf.stop_gradient(kernel))
     if bias is not None:
         z = z + bias
-    return _with_kernel_grad(z, kernel, lambda grad_z: _dense_kernel_grad(x, grad_z, kernel, lam))
+    return _with_kernel_grad(
+        z, kernel, lambda grad_z: _dense_kernel_grad(x, grad_z, kernel, lam, sync))
 
 
 # --------------------------------------------------------------------------- conv
@@ -304,7 +329,7 @@ def _conv_rows(x_padded, window, geometry):
     return tf.reshape(tf.transpose(patches, (1, 0, 2, 3)), (g, -1, index.shape[-1]))
 
 
-def _conv_kernel_grad(x, grad_z, kernel, lam, geometry):
+def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):
     d = kernel.shape.rank - 2
     *window, c_g, m = kernel.shape
     window = tuple(window)
@@ -317,13 +342,13 @@ def _conv_kernel_grad(x, grad_z, kernel, lam, geometry):
     padded = tf.pad(x, [(0, 0), *pads, (0, 0)])
     rows = _conv_rows(tf.transpose(padded, (0, d + 1, *range(1, d + 1))), window, geometry)
     grads = tf.transpose(tf.reshape(grad_z, (-1, g, m // g)), (1, 0, 2))  # (g, N*L, m_g)
-    grad_w = _rows_weight_grad(rows, grads, lam)  # (g, M/g, C/g * K)
+    grad_w = _rows_weight_grad(rows, grads, lam, sync)  # (g, M/g, C/g * K)
     grad_w = tf.reshape(grad_w, (m, c_g, *window))
     return tf.cast(tf.transpose(grad_w, (*range(2, d + 2), 1, 0)), kernel.dtype)
 
 
 def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
-         feature_group_count=1, lam=0.1):
+         feature_group_count=1, lam=0.1, sync=False):
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:
@@ -337,6 +362,7 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         kernel_dilation: int or one int per spatial axis.
         feature_group_count: number of feature groups; one Gram per group.
         lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
+        sync: as for :func:`dense`.
 
     Returns:
         (N, *out_spatial, M), exactly ``tf.nn.convolution`` plus bias, as Keras computes
@@ -378,5 +404,5 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
     if bias is not None:
         z = z + bias
     return _with_kernel_grad(
-        z, kernel, lambda grad_z: _conv_kernel_grad(x, grad_z, kernel, lam, geometry)
+        z, kernel, lambda grad_z: _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync)
     )

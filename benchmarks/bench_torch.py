@@ -28,12 +28,41 @@ CASES = {
     "vit_patch16": (lambda: nn.Conv2d(3, 384, 16, stride=16), (32, 3, 224, 224)),
     "cifar_vit_patch4": (lambda: nn.Conv2d(3, 384, 4, stride=4), (128, 3, 32, 32)),
 }
-GOALS = {"cifar_stem_3x3": 1.10, "imagenet_stem_7x7s2": 1.6, "vit_patch16": 2.05,
-         "cifar_vit_patch4": 1.08}
+GOALS = {"resnet18_cifar_step": 1.05, "cifar_stem_3x3": 1.10, "imagenet_stem_7x7s2": 1.6,
+         "vit_patch16": 2.05, "cifar_vit_patch4": 1.08}
+
+
+class _ResNetStep(nn.Module):
+    """A whole CIFAR ResNet-18 (stem wrapped for TrAct): the step times forward+backward."""
+
+    def __init__(self):
+        super().__init__()
+        sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+        from tract_compare.models import ResNet18
+
+        self.net = ResNet18(in_channels=3, image_size=32, classes=10)
+        self.weight, self.bias = self.net.stem.weight, self.net.stem.bias
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _resnet_step(tract):
+    model = _ResNetStep()
+    if tract:
+        model.net.stem = tt.wrap(model.net.stem, lam=0.1)
+    return model
+
+
+CASES["resnet18_cifar_step"] = (None, (128, 3, 32, 32))
 
 
 def make(case, variant, seed=0):
     factory, shape = CASES[case]
+    if case == "resnet18_cifar_step":
+        torch.manual_seed(seed)
+        model, x = _resnet_step(variant == "tract"), torch.randn(shape)
+        return model, x, torch.randn(shape[0], 10)
     torch.manual_seed(seed)
     layer = factory()
     if variant == "tract":
@@ -45,8 +74,8 @@ def make(case, variant, seed=0):
 
 
 def step(layer, x, grad_z):
-    layer.weight.grad = None
-    layer.bias.grad = None
+    for p in layer.parameters():
+        p.grad = None
     layer(x).backward(grad_z)
 
 
@@ -68,7 +97,8 @@ def _peak_growth_in_child(case, variant, threads):
     torch.set_num_threads(threads)
     layer, x, grad_z = make(case, variant)
     step(layer, x, grad_z)  # allocator and kernels warm, as in training
-    layer.weight.grad = layer.bias.grad = None
+    for p in layer.parameters():
+        p.grad = None
 
     def status(field):
         with open("/proc/self/status") as f:
@@ -94,7 +124,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=list(GOALS))
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ the input's dtype, on the input's device.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
@@ -262,6 +263,82 @@ def _tap_phases(kernel_size, stride, dilation):
             for k, s, d in zip(kernel_size, stride, dilation)]
 
 
+_FRAME_CHUNK = 1 << 21  # frame patch entries gathered at once (8 MiB in float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GramPlan:
+    """Index arithmetic of :func:`conv_gram` for one geometry, all numpy, computed once."""
+
+    out: tuple  # output positions per axis, L
+    reach: tuple  # the largest tap offset per axis, E
+    span: tuple  # phase-image length per axis, L + E
+    phases: tuple  # the stride phases read, as tuples of per-axis phases
+    pair_index: np.ndarray  # (n, n) flat index into the correlations
+    row_keyed: np.ndarray  # (n, n) bool: frame term of (r1, r2) keyed on r1's tap
+    frame_index: np.ndarray  # (F, n) flat index into one image, for each frame position
+    frame_mask: np.ndarray  # (F, n) 1 where that tap reads outside the common window
+
+
+_PLANS = {}  # a plain memo (torch.compile traces dicts, but warns on lru_cache)
+
+
+def _gram_plan(*geometry):
+    """The cached :class:`_GramPlan` for (channels, spatial, kernel_size, stride, dilation)."""
+    plan = _PLANS.get(geometry)
+    if plan is None:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        plan = _PLANS[geometry] = _make_gram_plan(*geometry)
+    return plan
+
+
+def _make_gram_plan(channels, spatial, kernel_size, stride, dilation):
+    out = conv_output_shape(spatial, kernel_size, stride, dilation)
+    taps = _tap_phases(kernel_size, stride, dilation)
+    reach = tuple(max(e for _, e in axis) for axis in taps)
+    span = tuple(n + e for n, e in zip(out, reach))
+    phases = tuple(itertools.product(*(sorted({p for p, _ in axis}) for axis in taps)))
+    phase_of = {p: i for i, p in enumerate(phases)}
+    tap_list = list(itertools.product(*taps))  # row-major over kernel offsets
+    tap_phase = np.array([phase_of[tuple(p for p, _ in tap)] for tap in tap_list])
+    tap_offset = np.array([[e for _, e in tap] for tap in tap_list]).reshape(len(tap_list), -1)
+    # Columns in (channel, tap) order; each reads channel `stacked_channel` of the phase
+    # stack at offset `offset`.
+    stacked_channel = (tap_phase[None, :] * channels
+                       + np.arange(channels)[:, None]).reshape(-1)
+    offset = np.tile(tap_offset, (channels, 1))  # (n, d)
+    shift = offset[None, :, :] - offset[:, None, :]  # (n, n, d): e2 - e1
+    # Correlations are computed for first-axis shifts >= 0 only; entry (r1, r2) with a
+    # negative one is read from (r2, r1) at the opposite shift (the Gram is symmetric).
+    row_keyed = shift[..., 0] >= 0
+    first = np.where(row_keyed, stacked_channel[:, None], stacked_channel[None, :])
+    second = np.where(row_keyed, stacked_channel[None, :], stacked_channel[:, None])
+    shift = np.where(row_keyed[..., None], shift, -shift)
+    width = len(phases) * channels
+    pair_index = first * width + second
+    pair_index = pair_index * (reach[0] + 1) + shift[..., 0]
+    for axis in range(1, len(out)):
+        pair_index = pair_index * (2 * reach[axis] + 1) + shift[..., axis] + reach[axis]
+    # The frame: output positions some of whose taps read outside the common window.
+    positions = [np.stack([g.reshape(-1) for g in np.meshgrid(
+        *(np.arange(lo, hi) for lo, hi in box), indexing="ij")], axis=1)
+        for box in _frame_boxes(out, reach)]
+    positions = np.concatenate(positions) if positions else np.zeros((0, len(out)), int)
+    q = positions[:, None, :] + tap_offset[None, :, :]  # (F, taps, d) in phase coordinates
+    mask = ((q < np.asarray(reach)) | (q >= np.asarray(out))).any(axis=-1)
+    tap_start = np.array(list(itertools.product(
+        *(range(0, k * d, d) for k, d in zip(kernel_size, dilation)))))
+    read = positions[:, None, :] * np.asarray(stride) + tap_start[None, :, :]  # (F, taps, d)
+    flat = read @ np.array([math.prod(spatial[a + 1:]) for a in range(len(spatial))])
+    image = math.prod(spatial)
+    frame_index = (np.arange(channels)[None, :, None] * image + flat[:, None, :])
+    frame_index = frame_index.reshape(len(positions), -1)
+    frame_mask = np.tile(mask, (1, channels))
+    return _GramPlan(out, reach, span, phases, pair_index, row_keyed, frame_index,
+                     frame_mask.astype(np.float64))
+
+
 def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=None):
     """Gram ``X^T X`` of a convolution's patches without extracting every patch.
 
@@ -271,9 +348,10 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     shift e_t2 - e_t1 summed over the window [e_t1, e_t1 + L) of each axis. The part of
     every window common to all taps, [E, L) with E the largest offset, is one
     correlation per shift for all entries at once (``correlate``, a framework's conv
-    weight-gradient kernel); the rest lies on a frame of output positions at most E
-    wide, whose patches are extracted and added with a mask. Disjoint patches (ViT,
-    E = 0) are a reshape and one symmetric matmul.
+    weight-gradient kernel; by symmetry only shifts >= 0 on the first axis); the rest
+    lies on a frame of output positions at most E wide, whose patches are gathered and
+    added with a mask. Disjoint patches (ViT, E = 0) are a reshape and one symmetric
+    matmul.
 
     Args:
         x: (N, C, *spatial) channels-first, already padded.
@@ -293,62 +371,72 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
                                     dilation, 1, correlate=correlate, xp=xp)
                           for i in range(groups)], axis=0)
     n_batch, channels, *spatial = x.shape
+    kernel_size, stride, dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
     out = conv_output_shape(spatial, kernel_size, stride, dilation)
-    taps = _tap_phases(kernel_size, stride, dilation)
-    reach = [max(e for _, e in axis) for axis in taps]  # E per axis
+    reach = [max(e for _, e in axis) for axis in _tap_phases(kernel_size, stride, dilation)]
     if not any(reach) or any(n <= e for n, e in zip(out, reach)):
         # No overlap between taps' windows (e.g. ViT patches), or no common window.
         return gram(conv_patches(x, kernel_size, stride, dilation, 1, xp=xp), xp=xp)
-    span = [n + e for n, e in zip(out, reach)]  # phase-image length every tap fits in
-    phases = [sorted({p for p, _ in axis}) for axis in taps]
+    plan = _gram_plan(channels, tuple(spatial), kernel_size, stride, dilation)
+    device = array_api_compat.device(x)
+    stacked = _phase_stack(xp, x, plan, stride)  # (N, P*C, *span)
+    common = stacked[(slice(None), slice(None), *(slice(e, n) for e, n in zip(reach, out)))]
+    ahead = stacked[(slice(None), slice(None), slice(reach[0], None))]  # first-axis shift >= 0
+    shifts = (reach[0] + 1, *(2 * e + 1 for e in reach[1:]))
+    correlations = (correlate or (lambda g, y, k: _correlate_by_slices(xp, g, y, k)))(
+        common, ahead, shifts)
+    index = xp.asarray(plan.pair_index.reshape(-1), device=device)
+    result = xp.reshape(xp.take(xp.reshape(correlations, (-1,)), index, axis=0),
+                        plan.pair_index.shape)
+    # The frame, in chunks of positions to bound memory: sum_p mask[p, r1] X[p, r1] X[p, r2].
+    n_cols = plan.frame_index.shape[1]
+    frame = xp.zeros(result.shape, dtype=x.dtype, device=device)
+    flat = xp.reshape(x, (n_batch, -1))
+    step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
+    for lo in range(0, plan.frame_index.shape[0], step):
+        index = xp.asarray(plan.frame_index[lo:lo + step].reshape(-1), device=device)
+        rows = xp.reshape(xp.take(flat, index, axis=1), (n_batch, -1, n_cols))
+        mask = xp.asarray(plan.frame_mask[lo:lo + step], dtype=x.dtype, device=device)
+        frame = frame + xp.matmul(_mT(xp, xp.reshape(rows * mask, (-1, n_cols))),
+                                  xp.reshape(rows, (-1, n_cols)))
+    keyed = xp.asarray(plan.row_keyed, device=device)
+    result = result + xp.where(keyed, frame, _mT(xp, frame))
+    result = (result + _mT(xp, result)) / 2
+    return result[None, ...]
+
+
+def _phase_stack(xp, x, plan, stride):
+    """The stride phases of x side by side: (N, P * C, *span), phase-major channels.
+
+    Phase p of an axis is x[p::s] cropped or zero-filled to the span. When every phase is
+    used and the input covers s * span on every axis (the usual case), this is one
+    reshape and transpose instead of P strided copies.
+    """
+    n_batch, channels, *spatial = x.shape
+    d = len(spatial)
+    whole = len(plan.phases) == math.prod(stride) and all(
+        size >= s * n for size, s, n in zip(spatial, stride, plan.span))
+    if whole and max(stride) > 1:
+        x = x[(slice(None), slice(None), *(slice(0, s * n) for s, n in zip(stride, plan.span)))]
+        split = [v for s, n in zip(stride, plan.span) for v in (n, s)]
+        x = xp.reshape(x, (n_batch, channels, *split))  # (N, C, L0, s0, L1, s1, ...)
+        order = (0, *(3 + 2 * a for a in range(d)), 1, *(2 + 2 * a for a in range(d)))
+        return xp.reshape(xp.permute_dims(x, order), (n_batch, -1, *plan.span))
+    device = array_api_compat.device(x)
     images = []
-    for phase in itertools.product(*phases):
+    for phase in plan.phases:
         image = x[(slice(None), slice(None),
                    *(slice(p, None, s) for p, s in zip(phase, stride)))]
-        for axis, length in enumerate(span):  # crop or zero-fill each axis to its span
+        for axis, length in enumerate(plan.span):  # crop or zero-fill each axis to its span
             have = image.shape[2 + axis]
             image = image[(slice(None),) * (2 + axis) + (slice(0, length),)]
             if have < length:
                 fill = list(image.shape)
                 fill[2 + axis] = length - have
-                zeros = xp.zeros(tuple(fill), dtype=x.dtype, device=array_api_compat.device(x))
+                zeros = xp.zeros(tuple(fill), dtype=x.dtype, device=device)
                 image = xp.concat([image, zeros], axis=2 + axis)
         images.append(image)
-    stacked = xp.concat(images, axis=1) if len(images) > 1 else images[0]  # (N, P*C, *span)
-    width = stacked.shape[1]
-    common = stacked[(slice(None), slice(None), *(slice(e, n) for e, n in zip(reach, out)))]
-    shifts = tuple(2 * e + 1 for e in reach)
-    core = (correlate or (lambda g, y, k: _correlate_by_slices(xp, g, y, k)))(
-        common, stacked, shifts)
-    # Gather core[(phase1, c1), (phase2, c2), e2 - e1 + E] for every pair of columns.
-    phase_of = {p: i for i, p in enumerate(itertools.product(*phases))}
-    tap_list = list(itertools.product(*taps))  # row-major over kernel offsets
-    tap_phase = np.array([phase_of[tuple(p for p, _ in tap)] for tap in tap_list])
-    tap_offset = np.array([[e for _, e in tap] for tap in tap_list]).reshape(len(tap_list), -1)
-    chan = np.arange(channels)
-    row_index = (tap_phase[None, :] * channels + chan[:, None]).reshape(-1)  # (c, t) order
-    offset = np.broadcast_to(tap_offset[None], (channels, *tap_offset.shape)).reshape(
-        -1, len(out))
-    flat = row_index[:, None] * width + row_index[None, :]
-    for axis, e in enumerate(reach):
-        flat = flat * (2 * e + 1) + (offset[None, :, axis] - offset[:, None, axis] + e)
-    core_flat = xp.reshape(core, (-1,))
-    index = xp.asarray(flat.reshape(-1), device=array_api_compat.device(x))
-    result = xp.reshape(xp.take(core_flat, index, axis=0), flat.shape)
-    # The frame: output positions some of whose taps read outside the common window.
-    for box in _frame_boxes(out, reach):
-        start = [lo * s for (lo, _), s in zip(box, stride)]
-        stop = [(hi - 1) * s + (k - 1) * d + 1
-                for (_, hi), s, k, d in zip(box, stride, kernel_size, dilation)]
-        crop = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(start, stop)))]
-        patches = conv_patches(crop, kernel_size, stride, dilation, 1, xp=xp)[0]
-        mask = _frame_mask(box, out, tap_offset)  # (positions, taps)
-        mask = xp.asarray(mask[:, None, :], dtype=x.dtype, device=array_api_compat.device(x))
-        per_image = (n_batch, mask.shape[0], channels, mask.shape[2])
-        masked = xp.reshape(xp.reshape(patches, per_image) * mask, patches.shape)
-        result = result + xp.matmul(_mT(xp, masked), patches)
-    result = (result + _mT(xp, result)) / 2
-    return result[None, ...]
+    return xp.concat(images, axis=1) if len(images) > 1 else images[0]
 
 
 def _frame_boxes(out, reach):
@@ -365,13 +453,3 @@ def _frame_boxes(out, reach):
             if hi > lo:
                 boxes.append((*inner, (lo, hi), *after))
     return boxes
-
-
-def _frame_mask(box, out, tap_offset):
-    """mask[p, t] = 1 where tap t at output p reads outside the common window [E, L)."""
-    reach = tap_offset.max(axis=0)
-    grids = np.meshgrid(*(np.arange(lo, hi) for lo, hi in box), indexing="ij")
-    positions = np.stack([g.reshape(-1) for g in grids], axis=1)  # (P, d)
-    q = positions[:, None, :] + tap_offset[None, :, :]  # (P, taps, d)
-    outside = (q < reach) | (q >= np.asarray(out))
-    return outside.any(axis=-1).astype(np.float64)

@@ -1,12 +1,14 @@
 """First-layer cost of TrAct vs the plain layer in PyTorch, measured side by side.
 
-    python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--quick]
+    python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--memory] [--json F]
 
 Each case times forward + backward of the first layer alone (its input needs no gradient,
-as for a stem), plain and TrAct interleaved in one process, and prints the ratio of the
-minimum times. Peak memory (--memory) is the growth of the peak RSS over one
-warm forward+backward, each variant in a fresh subprocess; the table shows TrAct's
-growth minus the plain layer's.
+as for a stem), plain, TrAct and the unfold baseline interleaved in one process, and
+prints the ratios of the minimum times. The unfold baseline is the public
+implementation's algorithm, re-implemented here: unfold every patch, form X^T X,
+invert it explicitly, multiply. Peak memory (--memory) is the growth of the peak RSS
+over one warm forward+backward, each variant in a fresh subprocess; the table shows each
+variant's growth minus the plain layer's.
 """
 
 import argparse
@@ -20,6 +22,44 @@ import torch
 from torch import nn
 
 import tract_core.torch as tt
+
+
+class _UnfoldInverse(torch.autograd.Function):
+    """The public implementation's conv backward: whole unfold, Gram, explicit inverse."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, lam):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.lam = stride, padding, lam
+        return nn.functional.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, weight = ctx.saved_tensors
+        grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_z, ctx.stride, ctx.padding)
+        patches = nn.functional.unfold(x, weight.shape[2:], padding=ctx.padding,
+                                       stride=ctx.stride)  # (N, n, L): the blow-up
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        eye = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        system = rows.T @ rows / rows.shape[0] + ctx.lam * eye
+        grad_w = (grad_w.reshape(weight.shape[0], -1) @ torch.linalg.inv(system))
+        return (None, grad_w.reshape(weight.shape), grad_z.sum((0, 2, 3)), None, None, None)
+
+
+class UnfoldInverseConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight gradient comes from :class:`_UnfoldInverse` (lam 0.1)."""
+
+    def forward(self, x):
+        return _UnfoldInverse.apply(x, self.weight, self.bias, self.stride, self.padding, 0.1)
+
+
+def _unfold_baseline(layer):
+    twin = UnfoldInverseConv2d.__new__(UnfoldInverseConv2d)
+    twin.__dict__.update(layer.__dict__)
+    return twin
+
+
+VARIANTS = ("plain", "tract", "unfold")
 
 # name: (layer factory, input shape)
 CASES = {
@@ -49,8 +89,10 @@ class _ResNetStep(nn.Module):
 
 def _resnet_step(tract):
     model = _ResNetStep()
-    if tract:
+    if tract == "tract":
         model.net.stem = tt.wrap(model.net.stem, lam=0.1)
+    elif tract == "unfold":
+        model.net.stem = _unfold_baseline(model.net.stem)
     return model
 
 
@@ -61,12 +103,14 @@ def make(case, variant, seed=0):
     factory, shape = CASES[case]
     if case == "resnet18_cifar_step":
         torch.manual_seed(seed)
-        model, x = _resnet_step(variant == "tract"), torch.randn(shape)
+        model, x = _resnet_step(variant), torch.randn(shape)
         return model, x, torch.randn(shape[0], 10)
     torch.manual_seed(seed)
     layer = factory()
     if variant == "tract":
         layer = tt.wrap(layer, lam=0.1)
+    elif variant == "unfold":
+        layer = _unfold_baseline(layer)
     x = torch.randn(shape)
     with torch.no_grad():
         grad_z = torch.randn_like(layer(x))
@@ -80,7 +124,7 @@ def step(layer, x, grad_z):
 
 
 def time_case(case, repeats):
-    runs = {v: make(case, v) for v in ("plain", "tract")}
+    runs = {v: make(case, v) for v in VARIANTS}
     best = {v: float("inf") for v in runs}
     for v in runs:
         step(*runs[v])  # warm-up
@@ -130,20 +174,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, min of {args.repeats} runs")
-    memory_column = " extra peak MiB |" if args.memory else ""
-    print("| case | plain ms | TrAct ms | ratio | goal |" + memory_column)
-    print("|---|---|---|---|---|" + ("---|" if args.memory else ""))
+    header = "| case | plain ms | TrAct ms | TrAct/plain | goal | unfold baseline/plain |"
+    if args.memory:
+        header += " TrAct extra peak MiB | baseline extra peak MiB |"
+    print(header)
+    print("|---" * header.count(" | ") + "|---|")
     results = {}
     for case in args.cases:
         best = time_case(case, args.repeats)
-        ratio = best["tract"] / best["plain"]
+        ratio, baseline = best["tract"] / best["plain"], best["unfold"] / best["plain"]
         row = (f"| {case} | {best['plain'] * 1e3:.1f} | {best['tract'] * 1e3:.1f} | "
-               f"{ratio:.2f}x | <= {GOALS[case]}x |")
-        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"], "ratio": ratio}
+               f"{ratio:.2f}x | <= {GOALS[case]}x | {baseline:.2f}x |")
+        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"],
+                         "unfold_s": best["unfold"], "ratio": ratio, "unfold_ratio": baseline}
         if args.memory:
-            extra = peak_rss_growth(case, "tract") - peak_rss_growth(case, "plain")
-            results[case]["extra_peak_mib"] = extra
-            row += f" {extra:.0f} |"
+            plain = peak_rss_growth(case, "plain")
+            extra = {v: peak_rss_growth(case, v) - plain for v in ("tract", "unfold")}
+            results[case].update(extra_peak_mib=extra["tract"],
+                                 unfold_extra_peak_mib=extra["unfold"])
+            row += f" {extra['tract']:.0f} | {extra['unfold']:.0f} |"
         print(row, flush=True)
     if args.json:
         with open(args.json, "w") as f:

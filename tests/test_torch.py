@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -274,3 +275,22 @@ def test_tract_layers_can_be_built_directly():
     assert layer.lam == 0.1 and not layer.sync
     layer(torch.randn(2, 3, 5, 5)).sum().backward()
     assert layer.weight.grad.shape == (4, 3, 3, 3)
+
+
+def test_benchmark_baseline_computes_the_same_gradient_as_tract():
+    """bench_torch.py compares against the unfold + inverse algorithm: same numbers, in fp64."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_torch.py"
+    spec = importlib.util.spec_from_file_location("bench_torch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    x = torch.randn(6, 3, 9, 9, dtype=torch.float64)
+    grads = {}
+    for name, layer in (("tract", tt.wrap(plain)), ("unfold", bench._unfold_baseline(plain))):
+        plain.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        grads[name] = (plain.weight.grad, plain.bias.grad)
+    torch.testing.assert_close(grads["unfold"], grads["tract"], rtol=1e-10, atol=0)

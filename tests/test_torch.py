@@ -294,3 +294,24 @@ def test_benchmark_baseline_computes_the_same_gradient_as_tract():
         layer(x).square().sum().backward()
         grads[name] = (plain.weight.grad, plain.bias.grad)
     torch.testing.assert_close(grads["unfold"], grads["tract"], rtol=1e-10, atol=0)
+
+
+def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch):
+    """Index constants are made once per device: later backwards create no tensor from host
+    data (on a GPU each such copy would synchronize with the device)."""
+    torch.manual_seed(0)
+    layers = [tt.wrap(nn.Conv2d(3, 4, 3, padding=1)), tt.wrap(nn.Conv2d(3, 4, 7, stride=2)),
+              tt.wrap(nn.Conv2d(3, 4, 4, stride=4)), tt.wrap(nn.Linear(6, 4))]
+    inputs = [torch.randn(2, 3, 12, 12)] * 3 + [torch.randn(9, 6)]
+    for layer, x in zip(layers, inputs):
+        layer(x).square().sum().backward()  # first step: constants made
+    made = []
+    for name in ("tensor", "as_tensor", "asarray", "from_numpy"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, _n=name, **k:
+                            made.append(_n) or _f(*a, **k))
+    for layer, x in zip(layers, inputs):
+        layer.weight.grad = None
+        layer(x).square().sum().backward()
+        assert layer.weight.grad is not None
+    assert made == []

@@ -1,9 +1,11 @@
-"""Cholesky solves on each array library's own linear algebra.
+"""Cholesky solves on each array library's own linear algebra, and index constants.
 
 The array API standard has ``linalg.cholesky`` but no triangular solve, so the one
 operation the core cannot write portably lives here: one small class per library,
 chosen from the array's namespace, importing only what the caller already imported
-(the way einops picks its backends).
+(the way einops picks its backends). ``constant`` moves the core's precomputed numpy
+index arrays to the arrays' device; for eager PyTorch it does so once per device, so a
+backward on a GPU copies nothing from the host.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ class _Generic:
     def __init__(self, xp):
         self.xp = xp
 
+    def constant(self, key, array, dtype, device):
+        """``array`` (numpy) on ``device``; ``key`` names it for backends that cache."""
+        return self.xp.asarray(array, dtype=dtype, device=device)
+
     def spd_solve(self, a, rhs):
         xp = self.xp
         finite = xp.all(xp.isfinite(a))
@@ -31,11 +37,25 @@ class _Generic:
         return xp.linalg.solve(xp.linalg.matrix_transpose(chol), half)
 
 
-class _Torch:
+class _Torch(_Generic):
     def __init__(self, xp):
         import torch
 
         self.torch = torch
+        self.xp = xp
+        self.constants = {}
+
+    def constant(self, key, array, dtype, device):
+        torch = self.torch
+        if torch.compiler.is_compiling():  # a graph constant: compiled once
+            return torch.as_tensor(array, dtype=dtype, device=device)
+        key = (key, str(device), dtype)
+        found = self.constants.get(key)
+        if found is None:
+            if len(self.constants) >= 256:
+                self.constants.clear()
+            found = self.constants[key] = torch.as_tensor(array, dtype=dtype, device=device)
+        return found
 
     def spd_solve(self, a, rhs):
         torch = self.torch
@@ -47,7 +67,9 @@ class _Torch:
         return torch.where(failed, torch.nan, out) + poison
 
 
-class _Jax:
+class _Jax(_Generic):
+    # constant: jnp.asarray, a compile-time constant under jit (a cache would leak tracers).
+
     def __init__(self, xp):
         from jax import lax
 

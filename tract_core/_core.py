@@ -257,6 +257,14 @@ def _correlate_by_slices(xp, g, x, kernel_shape):
     return xp.reshape(xp.stack(out, axis=-1), (g.shape[1], x.shape[1], *kernel_shape))
 
 
+def _constant(xp, key, array, dtype, device):
+    """A numpy constant on the arrays' device, cached there when the backend can."""
+    found = backend(xp)
+    if hasattr(found, "constant"):
+        return found.constant(key, array, dtype, device)
+    return xp.asarray(array, dtype=dtype, device=device)
+
+
 def _tap_phases(kernel_size, stride, dilation):
     """Per axis, each tap t's (phase, offset): input t * dilation = stride * offset + phase."""
     return [[((t * d) % s, (t * d) // s) for t in range(k)]
@@ -385,7 +393,8 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     shifts = (reach[0] + 1, *(2 * e + 1 for e in reach[1:]))
     correlations = (correlate or (lambda g, y, k: _correlate_by_slices(xp, g, y, k)))(
         common, ahead, shifts)
-    index = xp.asarray(plan.pair_index.reshape(-1), device=device)
+    geometry = (channels, tuple(spatial), kernel_size, stride, dilation)
+    index = _constant(xp, (geometry, "pairs"), plan.pair_index.reshape(-1), xp.int64, device)
     result = xp.reshape(xp.take(xp.reshape(correlations, (-1,)), index, axis=0),
                         plan.pair_index.shape)
     # The frame, in chunks of positions to bound memory: sum_p mask[p, r1] X[p, r1] X[p, r2].
@@ -394,12 +403,14 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     flat = xp.reshape(x, (n_batch, -1))
     step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
     for lo in range(0, plan.frame_index.shape[0], step):
-        index = xp.asarray(plan.frame_index[lo:lo + step].reshape(-1), device=device)
+        chunk = (geometry, lo, step)
+        index = _constant(xp, (chunk, "frame"), plan.frame_index[lo:lo + step].reshape(-1),
+                          xp.int64, device)
         rows = xp.reshape(xp.take(flat, index, axis=1), (n_batch, -1, n_cols))
-        mask = xp.asarray(plan.frame_mask[lo:lo + step], dtype=x.dtype, device=device)
+        mask = _constant(xp, (chunk, "mask"), plan.frame_mask[lo:lo + step], x.dtype, device)
         frame = frame + xp.matmul(_mT(xp, xp.reshape(rows * mask, (-1, n_cols))),
                                   xp.reshape(rows, (-1, n_cols)))
-    keyed = xp.asarray(plan.row_keyed, device=device)
+    keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, xp.bool, device)
     result = result + xp.where(keyed, frame, _mT(xp, frame))
     result = (result + _mT(xp, result)) / 2
     return result[None, ...]

@@ -72,7 +72,7 @@ def _precondition(plain, gram, rows, options):
     """
     count = rows
     if _syncing(options):
-        count = torch.tensor(float(rows), dtype=gram.dtype, device=gram.device)
+        count = torch.full((), rows, dtype=gram.dtype, device=gram.device)  # no host copy
         torch.distributed.all_reduce(gram, group=options.group)
         torch.distributed.all_reduce(count, group=options.group)
     return _tc.precondition(plain, gram, count, options.lam, xp=_xp)

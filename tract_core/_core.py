@@ -258,7 +258,7 @@ def _correlate_by_slices(xp, g, x, kernel_shape):
 
 
 def _constant(xp, key, array, dtype, device):
-    """A numpy constant on the arrays' device, cached there when the backend can."""
+    """A numpy constant on the arrays' device (dtype None: numpy's), cached when possible."""
     found = backend(xp)
     if hasattr(found, "constant"):
         return found.constant(key, array, dtype, device)
@@ -343,8 +343,13 @@ def _make_gram_plan(channels, spatial, kernel_size, stride, dilation):
     frame_index = (np.arange(channels)[None, :, None] * image + flat[:, None, :])
     frame_index = frame_index.reshape(len(positions), -1)
     frame_mask = np.tile(mask, (1, channels))
-    return _GramPlan(out, reach, span, phases, pair_index, row_keyed, frame_index,
-                     frame_mask.astype(np.float64))
+    return _GramPlan(out, reach, span, phases, _small_index(pair_index), row_keyed,
+                     _small_index(frame_index), frame_mask.astype(np.float64))
+
+
+def _small_index(index):
+    """int32 indices where they fit (the default integer of JAX without x64)."""
+    return index.astype(np.int32 if index.size == 0 or index.max() < 2**31 else np.int64)
 
 
 def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=None):
@@ -394,7 +399,7 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     correlations = (correlate or (lambda g, y, k: _correlate_by_slices(xp, g, y, k)))(
         common, ahead, shifts)
     geometry = (channels, tuple(spatial), kernel_size, stride, dilation)
-    index = _constant(xp, (geometry, "pairs"), plan.pair_index.reshape(-1), xp.int64, device)
+    index = _constant(xp, (geometry, "pairs"), plan.pair_index.reshape(-1), None, device)
     result = xp.reshape(xp.take(xp.reshape(correlations, (-1,)), index, axis=0),
                         plan.pair_index.shape)
     # The frame, in chunks of positions to bound memory: sum_p mask[p, r1] X[p, r1] X[p, r2].
@@ -405,12 +410,12 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     for lo in range(0, plan.frame_index.shape[0], step):
         chunk = (geometry, lo, step)
         index = _constant(xp, (chunk, "frame"), plan.frame_index[lo:lo + step].reshape(-1),
-                          xp.int64, device)
+                          None, device)
         rows = xp.reshape(xp.take(flat, index, axis=1), (n_batch, -1, n_cols))
         mask = _constant(xp, (chunk, "mask"), plan.frame_mask[lo:lo + step], x.dtype, device)
         frame = frame + xp.matmul(_mT(xp, xp.reshape(rows * mask, (-1, n_cols))),
                                   xp.reshape(rows, (-1, n_cols)))
-    keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, xp.bool, device)
+    keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
     result = result + xp.where(keyed, frame, _mT(xp, frame))
     result = (result + _mT(xp, result)) / 2
     return result[None, ...]

@@ -25,8 +25,8 @@ BACKENDS = {
                   {"KERAS_BACKEND": "jax"}),
     "keras-torch": ("keras-torch", "numpy keras torch", ["tests/test_keras.py"],
                     {"KERAS_BACKEND": "torch"}),
-    "examples": ("examples", "numpy torch sklearn matplotlib tqdm", ["tests/test_examples.py"],
-                 {}),
+    "examples": ("examples", "numpy torch sklearn matplotlib tqdm jax flax optax keras",
+                 ["tests/test_examples.py"], {"KERAS_BACKEND": "jax"}),
     # Exact data parallelism: 2 gloo processes (torch), 2 forced host devices (JAX),
     # MirroredStrategy over 2 logical CPUs (TensorFlow, Keras).
     "distributed": ("distributed", "numpy torch jax tensorflow keras",

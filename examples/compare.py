@@ -4,6 +4,11 @@
         --out runs/fashion-mnist
     python examples/compare.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --model resnet18 --augment --optimizer adam --lr-sweep --epochs 10 --out runs/c10
+    python examples/compare.py --framework jax --epochs 2 --seeds 2 --out runs/digits-jax
+    python examples/compare.py --framework keras --epochs 2 --seeds 2 --out runs/digits-keras
+
+``--framework`` is torch (default), jax (Flax NNX + optax) or keras (Keras 3 on
+KERAS_BACKEND, jax if unset).
 
 Every finished run is appended to OUT/runs.jsonl at once; re-running the same command
 skips those and (re)writes OUT/results.md and OUT/accuracy.png. ``--help`` lists the

@@ -1,16 +1,25 @@
-"""The training comparison in examples/: loaders on fake files, models, resume, report."""
+"""The training comparison in examples/: loaders on fake files, models, resume, report.
+
+The torch trainer is tested first; then the JAX (Flax NNX) and Keras trainers: tiny runs
+through the command line, resume, identical starts for both methods, and one step's
+first-layer gradient against TrAct's formula in float64.
+"""
 
 import dataclasses
 import gzip
 import json
+import os
 import pathlib
 import pickle
 import struct
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import need
+
+import tract_core
 
 torch = need("torch")
 need("sklearn")
@@ -19,7 +28,7 @@ need("tqdm")
 tt = pytest.importorskip("tract_core.torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
-from tract_compare import cli, data, models, results, train  # noqa: E402
+from tract_compare import cli, config, data, loop, models, results, train  # noqa: E402
 
 
 def write_idx(path, array):
@@ -52,12 +61,13 @@ def test_fashion_mnist_reads_idx_gz_files(tmp_path):
     train_labels, test_labels = fake_fashion_mnist(tmp_path, n_train=6, n_test=4)
     dataset = data.load_fashion_mnist(tmp_path)
     assert dataset.x_train.shape == (6, 1, 28, 28) and dataset.x_test.shape == (4, 1, 28, 28)
-    assert dataset.x_train.dtype == torch.float32 and dataset.classes == 10
-    np.testing.assert_array_equal(dataset.y_train.numpy(), train_labels)
-    np.testing.assert_array_equal(dataset.y_test.numpy(), test_labels)
+    assert dataset.x_train.dtype == np.float32 and dataset.classes == 10
+    assert dataset.y_train.dtype == np.int64
+    np.testing.assert_array_equal(dataset.y_train, train_labels)
+    np.testing.assert_array_equal(dataset.y_test, test_labels)
     # Standardized with the training set's statistics.
-    assert abs(dataset.x_train.mean().item()) < 1e-4
-    assert abs(dataset.x_train.std(unbiased=False).item() - 1) < 1e-3
+    assert abs(dataset.x_train.mean()) < 1e-4
+    assert abs(dataset.x_train.std() - 1) < 1e-3
 
 
 @pytest.mark.parametrize("name, files, label_key, classes", [
@@ -74,14 +84,14 @@ def test_cifar_reads_python_pickles(tmp_path, name, files, label_key, classes):
     n_train = 2 * (len(files) - 1)
     assert dataset.x_train.shape == (n_train, 3, 32, 32) and dataset.classes == classes
     assert dataset.x_test.shape == (2, 3, 32, 32)
-    np.testing.assert_array_equal(dataset.y_train.numpy(), labels[:-1].ravel())
-    np.testing.assert_array_equal(dataset.y_test.numpy(), labels[-1])
+    np.testing.assert_array_equal(dataset.y_train, labels[:-1].ravel())
+    np.testing.assert_array_equal(dataset.y_test, labels[-1])
     # Channel planes land in channels: standardizing per channel is an affine map each.
     train = images[:-1].reshape(n_train, 3, 32, 32).astype(np.float32)
     for channel in range(3):
         plain = train[:, channel]
         expected = (plain - plain.mean()) / plain.std()
-        np.testing.assert_allclose(dataset.x_train[:, channel].numpy(), expected, atol=1e-4)
+        np.testing.assert_allclose(dataset.x_train[:, channel], expected, atol=1e-4)
 
 
 def test_missing_data_names_the_folder_and_the_files(tmp_path, capsys):
@@ -206,3 +216,242 @@ def test_train_digits_is_compare_with_digits_defaults():
     args = cli.parse_args(["--seeds", "1"], train_digits.DIGITS_DEFAULTS)
     assert (args.dataset, args.epochs, args.seeds, args.batch_size) == ("digits", [3], 1, 64)
     assert train_digits.main is cli.main
+
+
+# --------------------------------------------------------------------------- all frameworks
+
+
+def test_the_command_line_imports_no_framework_until_it_trains():
+    code = ("import sys; from tract_compare import cli, data, loop, results; "
+            "print(sorted({'torch', 'jax', 'keras'} & set(sys.modules)))")
+    examples = pathlib.Path(__file__).parents[1] / "examples"
+    out = subprocess.run([sys.executable, "-c", code], cwd=examples, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_framework_builds_every_model_name():
+    assert tuple(models.MODELS) == config.MODEL_NAMES
+
+
+def test_records_from_before_the_framework_field_are_torch_runs(tmp_path):
+    base = config.RunConfig(dataset="digits", model="cnn", optimizer="sgd", lr=0.05,
+                            epochs=1)
+    old = config.run_key(base, "tract", 0)
+    del old["framework"]  # as written before JAX and Keras runs existed
+    (tmp_path / "runs.jsonl").write_text(json.dumps({**old, "test_acc": 50.0}) + "\n")
+    store = results.ResultStore(tmp_path / "runs.jsonl")
+    assert store.get(config.run_key(base, "tract", 0))["test_acc"] == 50.0
+    for framework in ("jax", "keras-jax"):
+        other = dataclasses.replace(base, framework=framework)
+        assert store.get(config.run_key(other, "tract", 0)) is None
+    with pytest.raises(ValueError, match="framework"):
+        config.run_key(dataclasses.replace(base, framework="mxnet"), "tract", 0)
+
+
+def test_numpy_batches_and_augmentation_are_the_seeds():
+    first, again = (loop.epoch_batches(10, 4, np.random.default_rng(3)) for _ in range(2))
+    assert [len(b) for b in first] == [4, 4, 2]
+    assert sorted(np.concatenate(first)) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    images = np.arange(2 * 32 * 32 * 3, dtype=np.float32).reshape(2, 32, 32, 3) + 1
+    out = loop.augment(images, np.random.default_rng(0))
+    assert out.shape == images.shape and not np.array_equal(out, images)
+    for i in range(2):
+        for c in range(3):
+            kept = out[i, ..., c][out[i, ..., c] != 0]  # the rest is zero padding
+            assert set(kept.tolist()) <= set(images[i, ..., c].ravel().tolist())
+
+
+# Every run: 4 steps of one batch shape (one compile), one test batch. (With fewer steps
+# or a smaller lr the two methods' losses can agree to float32 precision.)
+SMALL = ["--train-limit", "128", "--test-limit", "64", "--batch-size", "32", "--lr", "0.2",
+         "--epochs", "1", "--seeds", "1", "--threads", "1", "--no-progress"]
+
+
+def small_digits():
+    return data.load_dataset("digits", train_limit=128, test_limit=64)
+
+
+def one_batch(n=32):
+    """n digits, channels-last, and their labels: one step's batch."""
+    digits = data.load_dataset("digits", train_limit=n)
+    return loop.channels_last(digits.x_train), digits.y_train, digits
+
+
+def tract_reference(plain_grad, images, lam, padding):
+    """TrAct's kernel gradient in float64 from the plain one, G^T X: (G^T X) (X^T X/b +
+    lam I)^-1, X the conv's patch rows. plain_grad: (kh, kw, C, M); images: (N, H, W, C)."""
+    kh, kw, channels, filters = plain_grad.shape
+    padded = np.pad(images.astype(np.float64).transpose(0, 3, 1, 2),
+                    ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    rows = np.asarray(tract_core.conv_patches(padded, (kh, kw), (1, 1), (1, 1)))[0]
+    grad = plain_grad.astype(np.float64).transpose(3, 2, 0, 1).reshape(filters, -1)
+    system = rows.T @ rows / len(rows) + lam * np.eye(rows.shape[1])
+    tract = np.linalg.solve(system, grad.T).T  # (M, C kh kw); the system is symmetric
+    core = tract_core.precondition(grad, tract_core.gram(rows), len(rows), lam)
+    np.testing.assert_allclose(core, tract, rtol=1e-10, atol=1e-14)  # the core's formula
+    return tract.reshape(filters, channels, kh, kw).transpose(2, 3, 1, 0)
+
+
+def relative_error(actual, expected):
+    return np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
+
+
+def check_small_comparison(tmp_path, framework, version_fields, monkeypatch):
+    """A 1-seed comparison through the command line, then its resume: nothing trains."""
+    comparisons = cli.main([*SMALL, "--framework", framework, "--out", str(tmp_path)])
+    vanilla, tract = (comparisons[0].runs[m][0] for m in train.METHODS)
+    for record in (vanilla, tract):
+        cfg = config.RunConfig(dataset="digits", model="cnn", optimizer="sgd", lr=0.2,
+                               epochs=1, batch_size=32, lam=0.1, train_limit=128,
+                               test_limit=64, framework=record["framework"])
+        key = config.run_key(cfg, record["method"], 0)
+        assert {k: record[k] for k in key} == key
+        assert set(record) == {*key, "test_acc", "history", "train_loss", "seconds",
+                               "threads", *version_fields}
+        assert record["history"] == [record["test_acc"]] and 0 <= record["test_acc"] <= 100
+        assert len(record["train_loss"]) == 1 and 0 < record["train_loss"][0] < 10
+    assert vanilla["framework"] == tract["framework"] != "torch"
+    # Same start and batches, different first-layer gradients: close losses, not equal.
+    assert vanilla["train_loss"] != tract["train_loss"]
+    assert abs(vanilla["train_loss"][0] - tract["train_loss"][0]) < 0.01
+    assert "| 1 | 0.2 |" in (tmp_path / "results.md").read_text()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError(f"trained {args[1:3]} again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "train_run", must_not_train)
+        again = cli.main([*SMALL, "--framework", framework, "--out", str(tmp_path)])
+    assert again[0].runs["tract"][0] == tract
+    # The torch runs of the same settings are other runs: they train, next to these.
+    calls = []
+    monkeypatch.setattr(cli, "train_run", lambda *a, **k: calls.append(a[1:3]) or
+                        train.train_run(*a, **k))
+    cli.main([*SMALL, "--framework", "torch", "--out", str(tmp_path)])
+    assert calls == [("vanilla", 0), ("tract", 0)]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+@pytest.fixture(scope="module")
+def train_jax():
+    for name in ("jax", "flax", "optax"):
+        need(name)
+    from tract_compare import train_jax
+
+    return train_jax
+
+
+@pytest.mark.parametrize("name", list(config.MODEL_NAMES))
+def test_jax_models_take_the_shape_and_train_with_a_wrapped_first_layer(train_jax, name):
+    import jax
+    from flax import nnx
+
+    import tract_core.flax as tflax
+
+    model = train_jax.build_model(name, 1, 8, classes=7, seed=0)
+    images, labels = np.ones((2, 8, 8, 1), np.float32), np.arange(2)
+    assert nnx.eval_shape(lambda m, x: m(x), model, images).shape == (2, 7)
+    first = getattr(model, model.first_layer)
+    train_jax.wrap_first_layer(model, lam=0.1)
+    wrapped = getattr(model, model.first_layer)
+    assert isinstance(wrapped, tflax.TrActConv) and wrapped.lam == 0.1
+    assert wrapped.kernel is first.kernel  # the same Param: same start for both methods
+    # One jitted training step: a finite loss; batch norm's running statistics move.
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = train_jax.make_optimizer("sgd", 0.1, 10, 0.0)
+    params, new_rest, _, loss = train_jax.train_step(graphdef, optimizer)(
+        params, rest, optimizer.init(params), images, labels, 0.0)
+    assert np.isfinite(float(loss))
+    before, after = jax.tree.leaves(rest), jax.tree.leaves(new_rest)
+    if name == "resnet18":
+        assert before and any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_jax_tract_gradient_is_the_formula_and_only_the_first_layers(train_jax):
+    import jax
+    from flax import nnx
+
+    images, labels, _ = one_batch()
+    losses, grads = {}, {}
+    for method in train.METHODS:
+        model = train_jax.build_model("cnn", 1, 8, 10, seed=0)
+        if method == "tract":
+            train_jax.wrap_first_layer(model, 0.1)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        value_and_grad = jax.value_and_grad(train_jax.loss_fn, argnums=1, has_aux=True)
+        (loss, _), grad = jax.jit(value_and_grad, static_argnums=0)(
+            graphdef, params, rest, images, labels)
+        losses[method] = float(loss)
+        grads[method] = jax.tree.map(np.asarray, nnx.to_pure_dict(grad))
+    assert losses["vanilla"] == losses["tract"]  # same init, same forward
+    plain, tract = grads["vanilla"], grads["tract"]
+    for layer in plain:
+        for name in plain[layer]:
+            if (layer, name) != ("conv1", "kernel"):
+                np.testing.assert_array_equal(plain[layer][name], tract[layer][name])
+    expected = tract_reference(plain["conv1"]["kernel"], images, lam=0.1, padding=2)
+    assert relative_error(tract["conv1"]["kernel"], expected) < 1e-5
+    assert relative_error(plain["conv1"]["kernel"], expected) > 0.1  # the test can fail
+
+
+def test_jax_comparison_runs_and_resumes(train_jax, tmp_path, monkeypatch):
+    check_small_comparison(tmp_path, "jax", {"jax", "flax", "optax"}, monkeypatch)
+
+
+# --------------------------------------------------------------------------- Keras
+
+
+@pytest.fixture(scope="module")
+def train_keras():
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = need("keras")
+    need(keras.backend.backend())
+    from tract_compare import train_keras
+
+    return train_keras
+
+
+@pytest.mark.parametrize("name", list(config.MODEL_NAMES))
+def test_keras_models_take_the_shape_and_start_alike(train_keras, name):
+    import tract_core.keras as tk
+
+    plain = train_keras.build_model(name, 1, 8, classes=7, seed=0)
+    tract = train_keras.build_model(name, 1, 8, classes=7, seed=0, lam=0.1)
+    first = tract.get_layer(train_keras.FIRST_LAYER[name])
+    assert isinstance(first, tk.TrActConv2D) and first.lam == 0.1
+    assert type(plain.get_layer(first.name)) is train_keras.layers.Conv2D
+    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), tract.get_weights()))
+    assert len(plain.get_weights()) == len(tract.get_weights())
+    assert tuple(plain(np.ones((2, 8, 8, 1), np.float32)).shape) == (2, 7)
+
+
+def test_keras_tract_first_step_is_the_formula_and_only_the_first_layers(train_keras):
+    # One SGD step from zero momentum at lr 1 (the cosine's first value): w0 - w1 = grad.
+    images, labels, digits = one_batch()
+    cfg = config.RunConfig(dataset="digits", model="cnn", optimizer="sgd", lr=1.0, epochs=1,
+                           batch_size=len(labels), framework=train_keras.FRAMEWORK)
+    one_hot = np.eye(10, dtype=np.float32)[labels]
+    losses, steps = {}, {}
+    for method in train.METHODS:
+        model = train_keras.compiled_model(cfg, method, 0, digits)
+        before = model.get_weights()
+        losses[method] = model.train_on_batch(images, one_hot, return_dict=True)["loss"]
+        steps[method] = [w0 - w1 for w0, w1 in zip(before, model.get_weights())]
+    assert losses["vanilla"] == losses["tract"]  # same init, same forward
+    plain, tract = steps["vanilla"], steps["tract"]  # conv1's kernel comes first
+    for a, b in zip(plain[1:], tract[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    expected = tract_reference(plain[0], images, lam=0.1, padding=2)
+    assert relative_error(tract[0], expected) < 2e-5
+    assert relative_error(plain[0], expected) > 0.1  # the test can fail
+
+
+def test_keras_comparison_runs_and_resumes(train_keras, tmp_path, monkeypatch):
+    backend = train_keras.BACKEND
+    check_small_comparison(tmp_path, "keras", {"keras", "keras_backend", backend},
+                           monkeypatch)

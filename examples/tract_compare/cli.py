@@ -4,27 +4,60 @@ The paper's protocol (section 4): the baseline's best learning rate is used for 
 too. Give one ``--lr``, or ``--lr-sweep`` to train the baseline at each lr of a grid per
 epoch budget, pick the lr with the best mean test accuracy, and train TrAct with it.
 (Like the paper, the sweep selects on test accuracy: a bias in the baseline's favour.)
+
+``--framework`` picks the trainer: ``train`` (PyTorch), ``train_jax`` (Flax NNX + optax)
+or ``train_keras`` (Keras 3 on KERAS_BACKEND, default jax). Only the chosen one is
+imported, so a torch comparison never starts JAX and a JAX one never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import os
 import pathlib
 import shlex
 import sys
 import time
 
-import torch
-
+from . import loop
+from .config import FRAMEWORKS, METHODS, MODEL_NAMES, RunConfig, run_key
 from .data import DATASETS, DataNotFoundError, load_dataset
-from .models import MODELS
 from .results import Comparison, ResultStore, comparison_table, mean_std, plot_accuracy
 from .results import sweep_table as make_sweep_table
-from .train import METHODS, RunConfig, run_key, train_run
 
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 DEFAULT_SWEEP = {"sgd": [0.1, 0.05, 0.02], "adam": [10**-2, 10**-2.5, 10**-3, 10**-3.5]}
+TRAINERS = {"torch": "train", "jax": "train_jax", "keras": "train_keras"}
+
+
+def load_trainer(framework, threads=None):
+    """The trainer module of ``framework`` (a key of TRAINERS, or a run's framework such
+    as "keras-jax"), imported on first use; ``threads`` (if given) applied to it.
+
+    JAX takes its CPU thread count from the cores the process may use when it starts, so
+    for jax (and Keras on jax) the process is pinned to ``threads`` cores before the
+    import (see ``loop.limit_cpu_threads``); torch and TensorFlow are told directly.
+    """
+    name = framework.split("-")[0]
+    if name not in TRAINERS:
+        raise ValueError(f"framework must be one of {', '.join(TRAINERS)}, got {framework!r}")
+    if name == "keras":
+        os.environ.setdefault("KERAS_BACKEND", "jax")  # as train_keras does, but sooner
+    if threads is not None and (name == "jax" or (
+            name == "keras" and os.environ["KERAS_BACKEND"] == "jax")):
+        loop.limit_cpu_threads(threads)
+    module = importlib.import_module(f".{TRAINERS[name]}", __package__)
+    if threads is not None:
+        module.set_threads(threads)
+    return module
+
+
+def train_run(config, method, seed, data, progress=False) -> dict:
+    """One run, by the trainer of ``config.framework`` (see train.train_run)."""
+    return load_trainer(config.framework).train_run(config, method, seed, data,
+                                                    progress=progress)
 
 
 def parse_args(argv=None, defaults=None):
@@ -35,7 +68,10 @@ def parse_args(argv=None, defaults=None):
     parser.add_argument("--dataset", choices=list(DATASETS), default="digits")
     parser.add_argument("--data-dir", help="folder of the data files (fashion-mnist: "
                         "default /usr/share/datasets/fashion-mnist; cifar: required)")
-    parser.add_argument("--model", choices=list(MODELS), default="cnn")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default="torch",
+                        help="torch (default), jax (Flax NNX + optax) or keras (Keras 3 on "
+                        "KERAS_BACKEND, default jax); part of each run's key")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="cnn")
     parser.add_argument("--optimizer", choices=list(DEFAULT_LR), default="sgd",
                         help="sgd (momentum 0.9) or adam; cosine schedule either way")
     parser.add_argument("--lr", type=float, help="default: 0.05 (sgd), 1e-3 (adam)")
@@ -54,7 +90,8 @@ def parse_args(argv=None, defaults=None):
     parser.add_argument("--patch", type=int, default=4, help="ViT patch size")
     parser.add_argument("--train-limit", type=int, help="first N training images only")
     parser.add_argument("--test-limit", type=int, help="first N test images only")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads (jax: the process is pinned to this many cores)")
     parser.add_argument("--out", type=pathlib.Path,
                         help="folder for runs.jsonl (resumable), results.md, accuracy.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,15 +128,16 @@ class Runner:
         return record
 
 
-def _report(args, argv, config, comparisons, sweep):
+def _report(args, argv, config, comparisons, sweep, environment):
     title = (f"{args.dataset}, {args.model}, {args.optimizer} + cosine, batch "
-             f"{args.batch_size}, TrAct lam {args.lam}, {args.seeds} seeds")
+             f"{args.batch_size}, TrAct lam {args.lam}, {args.seeds} seeds, "
+             f"{config.framework}")
     table = comparison_table(comparisons)
     settings = ", ".join(f"{name} {value}" for name, value in dataclasses.asdict(config).items()
                          if name not in ("lr", "epochs"))
     text = [f"# Vanilla vs TrAct: {title}", "",
             f"Command: `python {shlex.join([sys.argv[0], *argv])}`", "",
-            f"Settings: {settings}; torch {torch.__version__}, torch threads {args.threads}.",
+            f"Settings: {settings}; {environment}.",
             "",
             "Final test accuracy (%), mean ± sample std over seeds; every seed listed "
             "(seeds 0, 1, ...). Both methods share seed, initialisation, batches and lr.",
@@ -119,8 +157,9 @@ def main(argv=None, defaults=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, defaults)
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    trainer = load_trainer(args.framework, args.threads)
+    environment = ", ".join(f"{name} {value}" for name, value in trainer.environment().items())
     try:
         data = load_dataset(args.dataset, args.data_dir, args.train_limit, args.test_limit)
     except DataNotFoundError as error:
@@ -130,13 +169,14 @@ def main(argv=None, defaults=None):
         dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
         epochs=0, batch_size=args.batch_size, lam=args.lam, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, augment=args.augment, patch=args.patch,
-        train_limit=args.train_limit, test_limit=args.test_limit)
+        train_limit=args.train_limit, test_limit=args.test_limit,
+        framework=getattr(trainer, "FRAMEWORK", args.framework))
     grid = args.lr_sweep or []
     runs_per_budget = args.seeds * (len(grid) + 1 if grid else 2)
     run = Runner(data, store, not args.no_progress, len(args.epochs) * runs_per_budget)
     print(f"{args.dataset}: {len(data.y_train)} train, {len(data.y_test)} test images "
-          f"{tuple(data.x_train.shape[1:])}; {len(store)} runs already in the results file",
-          flush=True)
+          f"{tuple(data.x_train.shape[1:])}; {len(store)} runs already in the results file; "
+          f"{base.framework} ({environment})", flush=True)
 
     best_lr, sweep = {}, {}
     for epochs in args.epochs:
@@ -157,7 +197,7 @@ def main(argv=None, defaults=None):
                 runs[method].append(run(config, method, seed))
         comparisons.append(Comparison(epochs, best_lr[epochs], runs))
 
-    title, table, report = _report(args, argv, base, comparisons, sweep)
+    title, table, report = _report(args, argv, base, comparisons, sweep, environment)
     print(f"\nTest accuracy (%), {title}:\n{table}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

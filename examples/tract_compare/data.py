@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`Dataset` of float32 images (N, C, H, W), standardized per
 channel with the training set's mean and std (the paper's convention; TrAct's lambda is
-tuned for standardized inputs), and int64 labels.
+tuned for standardized inputs), and int64 labels, as numpy arrays: each trainer converts
+them to its framework's tensors (torch without a copy; JAX and Keras channels-last).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pickle
 import struct
 
 import numpy as np
-import torch
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -36,10 +36,10 @@ class Dataset:
     """Standardized images and labels, split into train and test."""
 
     name: str
-    x_train: torch.Tensor  # (N, C, H, W) float32
-    y_train: torch.Tensor  # (N,) int64
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x_train: np.ndarray  # (N, C, H, W) float32
+    y_train: np.ndarray  # (N,) int64
+    x_test: np.ndarray
+    y_test: np.ndarray
     classes: int
 
     @property
@@ -59,10 +59,10 @@ def _standardized(name, train_images, train_labels, test_images, test_labels, cl
     std = train.std(axis=(0, 2, 3), keepdims=True)
     return Dataset(
         name=name,
-        x_train=torch.from_numpy((train - mean) / std),
-        y_train=torch.from_numpy(np.asarray(train_labels, dtype=np.int64)),
-        x_test=torch.from_numpy((test - mean) / std),
-        y_test=torch.from_numpy(np.asarray(test_labels, dtype=np.int64)),
+        x_train=(train - mean) / std,
+        y_train=np.asarray(train_labels, dtype=np.int64),
+        x_test=(test - mean) / std,
+        y_test=np.asarray(test_labels, dtype=np.int64),
         classes=classes,
     )
 

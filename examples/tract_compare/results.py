@@ -8,14 +8,17 @@ import os
 import pathlib
 import statistics
 
-from .train import RunConfig
+from .config import KEY_DEFAULTS, RunConfig
 
 KEY_FIELDS = ("method", "seed", *(f.name for f in dataclasses.fields(RunConfig)))
 LABELS = {"vanilla": "vanilla", "tract": "TrAct"}
 
 
 def _key_text(record) -> str:
-    return json.dumps({field: record.get(field) for field in KEY_FIELDS}, sort_keys=True)
+    """The record's key as canonical JSON; a field it predates reads as the default
+    (records written before ``framework`` existed are torch runs)."""
+    return json.dumps({field: record.get(field, KEY_DEFAULTS.get(field))
+                       for field in KEY_FIELDS}, sort_keys=True)
 
 
 class ResultStore:

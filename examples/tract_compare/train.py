@@ -7,7 +7,6 @@ learning-rate schedule: only the first layer's weight gradient differs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -15,38 +14,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import METHODS, RunConfig, run_key
 from .models import build_model, wrap_first_layer
 
-METHODS = ("vanilla", "tract")
+__all__ = ["METHODS", "RunConfig", "accuracy", "augment", "environment", "make_optimizer",
+           "run_key", "set_threads", "train_run"]
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run besides method and seed (the resume key's fields)."""
-
-    dataset: str
-    model: str
-    optimizer: str  # "sgd" (momentum 0.9) or "adam"; both with a cosine schedule
-    lr: float
-    epochs: int
-    batch_size: int = 128
-    lam: float = 0.1  # TrAct's lambda; not part of a vanilla run's key
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    augment: bool = False  # random 4-pixel shifts and horizontal flips (CIFAR)
-    patch: int = 4  # the ViT's patch size
-    train_limit: int | None = None  # first N training examples only (smoke runs)
-    test_limit: int | None = None
+def set_threads(threads: int) -> None:
+    """torch's intra-op CPU threads for this process."""
+    torch.set_num_threads(threads)
 
 
-def run_key(config: RunConfig, method: str, seed: int) -> dict:
-    """The fields that identify a finished run in the results file."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    key = dataclasses.asdict(config)
-    if method == "vanilla":
-        key["lam"] = None  # lambda does not change a vanilla run: share it across lams
-    return {"method": method, "seed": seed, **key}
+def environment() -> dict:
+    """The record's framework fields: threads in use and the torch version."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def make_optimizer(name, parameters, lr, weight_decay):
@@ -85,13 +67,16 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
 
     Args:
         config: the run's settings. method: "vanilla" or "tract". seed: int.
-        data: a ``data.Dataset`` (already limited to config.train_limit/test_limit).
+        data: a ``data.Dataset`` (numpy arrays, already limited to config.train_limit/
+            test_limit).
         progress: show a tqdm bar (only where stderr is a terminal).
 
     Returns:
         ``run_key(...)`` plus test_acc (final, %), history (test accuracy after each
         epoch), train_loss (mean per epoch), seconds (training and testing time).
     """
+    if config.framework != "torch":
+        raise ValueError(f"train.py trains torch runs; this config is {config.framework!r}")
     record = run_key(config, method, seed)
     start = time.perf_counter()
     torch.manual_seed(seed)  # same initialisation for both methods: wrap() draws nothing
@@ -104,6 +89,7 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
     steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch)  # per step, down to 0 at the end
+    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     batches = torch.Generator().manual_seed(seed)  # batch order and augmentation
     history, train_loss = [], []
     bar = tqdm(total=config.epochs * steps_per_epoch, disable=None if progress else True,
@@ -112,12 +98,12 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
         for _ in range(config.epochs):
             model.train()
             losses = []
-            for idx in torch.randperm(len(data.y_train), generator=batches).split(
+            for idx in torch.randperm(len(y_train), generator=batches).split(
                     config.batch_size):
-                images = data.x_train[idx]
+                images = x_train[idx]
                 if config.augment:
                     images = augment(images, batches)
-                loss = nn.functional.cross_entropy(model(images), data.y_train[idx],
+                loss = nn.functional.cross_entropy(model(images), y_train[idx],
                                                    label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -127,8 +113,8 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             train_loss.append(sum(losses) / len(losses))
-            history.append(accuracy(model, data.x_test, data.y_test))
+            history.append(accuracy(model, torch.from_numpy(data.x_test),
+                                    torch.from_numpy(data.y_test)))
     record.update(test_acc=history[-1], history=history, train_loss=train_loss,
-                  seconds=round(time.perf_counter() - start, 2),
-                  threads=torch.get_num_threads(), torch=torch.__version__)
+                  seconds=round(time.perf_counter() - start, 2), **environment())
     return record

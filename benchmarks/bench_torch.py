@@ -43,7 +43,8 @@ class _UnfoldInverse(torch.autograd.Function):
         eye = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
         system = rows.T @ rows / rows.shape[0] + ctx.lam * eye
         grad_w = (grad_w.reshape(weight.shape[0], -1) @ torch.linalg.inv(system))
-        return (None, grad_w.reshape(weight.shape), grad_z.sum((0, 2, 3)), None, None, None)
+        grad_b = grad_z.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return None, grad_w.reshape(weight.shape), grad_b, None, None, None
 
 
 class UnfoldInverseConv2d(nn.Conv2d):

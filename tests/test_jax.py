@@ -224,11 +224,18 @@ CONV_OPTIONS = [
      dict(padding="SAME", precision=lax.Precision.HIGHEST)),
     ("3d_same_stride_groups", (1, 5, 6, 5, 4), (2, 3, 2, 2, 4),
      dict(padding="SAME", strides=(2, 1, 2), feature_group_count=2)),
+    ("2d_stem_7x7_stride2", (3, 16, 15, 3), (7, 7, 3, 5), dict(padding=3, strides=2)),
+    ("2d_dilated_stride2", (2, 13, 12, 2), (3, 3, 2, 3),
+     dict(padding="SAME", strides=2, kernel_dilation=2)),
 ]
+# The Gram's correlations: either kernel, whatever the size picks.
+CORRELATIONS = {"conv": tj._correlate_by_conv, "fft": tj._correlate_by_fft}
 
 
+@pytest.mark.parametrize("correlation", CORRELATIONS)
 @pytest.mark.parametrize("index", range(len(CONV_OPTIONS)), ids=[o[0] for o in CONV_OPTIONS])
-def test_conv_options(index):
+def test_conv_options(index, correlation, monkeypatch):
+    monkeypatch.setattr(tj, "_correlate", CORRELATIONS[correlation])
     _, x_shape, kernel_shape, options = CONV_OPTIONS[index]
     rng = np.random.default_rng(index)
     x = rng.standard_normal(x_shape)

@@ -260,3 +260,85 @@ def test_bad_shapes_raise_value_error():
         ttf.conv(tf.ones((1, 5, 5, 4)), tf.ones((3, 3, 3, 4)), feature_group_count=2)
     with pytest.raises(ValueError, match="padding"):
         ttf.conv(tf.ones((1, 5, 5, 2)), tf.ones((3, 3, 2, 4)), padding="FULL")
+
+
+# --------------------------------------------------------------------------- larger shapes
+
+
+def patches_reference(x, window, stride):
+    """(N * L, C * K) rows of a 2-D 'VALID' convolution of channels-last x, columns in
+    (channel, *window) order: numpy's sliding windows, independent of the core."""
+    views = np.lib.stride_tricks.sliding_window_view(x, window, axis=(1, 2))
+    views = views[:, ::stride[0], ::stride[1]]  # (N, L0, L1, C, k0, k1)
+    return views.reshape(-1, math.prod(views.shape[3:]))
+
+
+def tract_reference(rows, grads, lam):
+    """G^T X (X^T X / b + lam I)^-1, numpy LU solve, float64."""
+    b, n = rows.shape
+    system = rows.T @ rows / b + lam * np.eye(n)
+    return np.linalg.solve(system, rows.T @ grads).T
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["dense_100", "patch8_192"])
+def test_wide_rows_match_reference(name, mode):
+    """n > 64: under XLA the Cholesky factor comes by halves; NaN still gives NaN."""
+    rng = np.random.default_rng(7)
+    if name == "dense_100":
+        x, kernel = rng.standard_normal((300, 100)), rng.standard_normal((100, 6))
+        op, rows = (lambda x, k, b: ttf.dense(x, k, lam=0.1)), x
+    else:
+        x, kernel = rng.standard_normal((5, 32, 24, 3)), rng.standard_normal((8, 8, 3, 6))
+        op = lambda x, k, b: ttf.conv(x, k, strides=8, lam=0.1)
+        rows = patches_reference(x, (8, 8), (8, 8))
+    grad_z = rng.standard_normal((rows.shape[0], kernel.shape[-1]))
+    x_t, kernel_t = tf.constant(x), tf.constant(kernel)
+    grad_z_t = tf.constant(grad_z.reshape(op(x_t, kernel_t, None).shape))
+    _, _, grad_kernel = value_and_grads(op, x_t, kernel_t, None, grad_z_t, mode)
+    expected = tract_reference(rows, grad_z, 0.1)  # (m, n), columns (channel, *window)
+    if name != "dense_100":
+        expected = to_tf_kernel(expected.reshape(6, 3, 8, 8))
+    assert_close(grad_kernel, expected.T if name == "dense_100" else expected, 1e-9)
+    x[0, 0] = np.nan
+    _, _, grad_kernel = value_and_grads(op, tf.constant(x), kernel_t, None, grad_z_t, mode)
+    assert np.isnan(grad_kernel).all()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_unknown_batch_conv_gram_sums_chunks(jit):
+    """19 images: the Gram of an unknown batch runs over chunks, the last one filled."""
+    rng = np.random.default_rng(8)
+    x, kernel = rng.standard_normal((19, 9, 8, 2)), rng.standard_normal((3, 3, 2, 4))
+    grad_z = rng.standard_normal((19, 9, 8, 4))
+
+    def run(x, grad_z):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel_t)
+            z = ttf.conv(x, kernel_t, padding="SAME", lam=0.1)
+        return tape.gradient(z, kernel_t, output_gradients=grad_z)
+
+    kernel_t = tf.constant(kernel)
+    unknown = [tf.TensorSpec((None, 9, 8, 2), tf.float64), tf.TensorSpec((None, 9, 8, 4),
+                                                                         tf.float64)]
+    graph = tf.function(run, input_signature=unknown, jit_compile=jit)
+    grad_kernel = graph(tf.constant(x), tf.constant(grad_z)).numpy()
+    rows = patches_reference(np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), (3, 3), (1, 1))
+    expected = tract_reference(rows, grad_z.reshape(-1, 4), 0.1).reshape(4, 2, 3, 3)
+    assert_close(grad_kernel, to_tf_kernel(expected), 1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gram_before_filter_gradient_keeps_results(mode, monkeypatch):
+    """Large inputs order the Gram before TF's filter gradient (to bound memory): same
+    gradient, and NaN still flows."""
+    monkeypatch.setattr(ttf, "_ORDERED_SIZE", 0)
+    case = next(c for c in TF_CASES if c.name == "conv2d_stride2_pixels")
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
+    z, grad_x, grad_kernel, _ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)
+    assert_close(from_tf(case, z, grad_x, grad_kernel)[2], case.grad_weight, 1e-8)
+    x = x.numpy()
+    x[1, 2, 3, 0] = np.nan
+    _, _, grad_kernel, _ = value_and_grads(tract_op(case), tf.constant(x), kernel, bias, grad_z,
+                                           mode)
+    assert np.isnan(grad_kernel).all()

@@ -134,6 +134,54 @@ def _channels_last_dimension_numbers(ndim):
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
+def _correlate(g, y, shifts):
+    """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u] for u < shifts, the correlation
+    the core's conv_gram asks for. g (N, I, *inner), y (N, J, *outer), outer = inner +
+    shifts - 1.
+
+    As a convolution this has a window as large as the image and N as the contracted
+    feature axis, a shape XLA's CPU convolutions slow down on as N grows; past a few
+    hundred images x shifts (measured) FFTs are faster.
+    """
+    direct = g.shape[0] * math.prod(shifts) <= 300
+    return (_correlate_by_conv if direct else _correlate_by_fft)(g, y, shifts)
+
+
+def _correlate_by_conv(g, y, shifts):
+    d = len(shifts)
+    spatial = tuple(range(2, 2 + d))
+    # y as a batch of J images with N features, g as I filters of N features.
+    numbers = lax.ConvDimensionNumbers((1, 0, *spatial), (1, 0, *spatial), (1, 0, *spatial))
+    return lax.conv_general_dilated(y, g, (1,) * d, "VALID", dimension_numbers=numbers)
+
+
+def _correlate_by_fft(g, y, shifts):
+    # Transforms at least y's size, so no lag u < shifts wraps around; sizes with small
+    # prime factors only, which FFTs are fast on. The sum over n is one product per
+    # frequency.
+    size = tuple(_fft_size(s) for s in y.shape[2:])
+    axes = tuple(range(2, y.ndim))
+    spectrum = jnp.einsum("ni...,nj...->ij...",
+                          jnp.conj(jnp.fft.rfftn(g, s=size, axes=axes)),
+                          jnp.fft.rfftn(y, s=size, axes=axes))
+    out = jnp.fft.irfftn(spectrum, s=size, axes=axes)
+    return out[(slice(None), slice(None), *(slice(0, k) for k in shifts))]
+
+
+@functools.cache
+def _fft_size(length):
+    """The smallest size >= length with no prime factor above 7."""
+    size = max(length, 1)
+    while True:
+        rest = size
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
 @dataclasses.dataclass(frozen=True)
 class _Conv:
     """Channels-last ``lax.conv_general_dilated`` plus bias."""
@@ -212,10 +260,11 @@ class _Conv:
         return self.from_kernel_layout(plain)
 
     def gram(self, x, kernel):
-        """(g, n, n): X^T X per group over the receptive fields of all segments."""
-        patches = _tc.conv_patches(self.padded_channels_first(x, kernel), kernel.shape[:-2],
-                                   self.strides, self.dilation, self.groups)
-        return _tc.gram(patches)
+        """(g, n, n): X^T X per group over the receptive fields of all segments, from the
+        core's structured conv Gram (no patch matrix)."""
+        return _tc.conv_gram(self.padded_channels_first(x, kernel), kernel.shape[:-2],
+                             self.strides, self.dilation, self.groups, correlate=_correlate,
+                             xp=jnp)
 
     def from_kernel_layout(self, grads):
         """(S, *window, C/g, M) Flax layout -> (g, S, M/g, C/g*K) torch layout per group."""

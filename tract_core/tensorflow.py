@@ -11,17 +11,18 @@ How it hooks into autograd: the plain op (``tf.matmul``/``tf.tensordot`` or
 so forward values, input gradients and bias gradients are those of exactly the ops a
 plain layer runs. The output then passes through an identity ``tf.custom_gradient`` node
 that owns the kernel; its gradient function receives G = dL/dz and returns TrAct's kernel
-gradient computed by :mod:`tract_core` (one Gram per feature group). The plain gradient
-G^T X inside it comes from the patches the Gram needs anyway, not from TF's filter
-gradient: reaching that from a gradient function takes a nested GradientTape that re-runs
-the forward eagerly, and eager TF 2.21 cannot differentiate an undilated Conv3D at all
-(its gradient finds no ``data_format`` attribute; the plain op fails the same way).
+gradient computed by :mod:`tract_core` (one Gram per feature group). For a convolution
+the plain gradient G^T X comes from TF's own filter-gradient kernel
+(``Conv2DBackpropFilter`` / ``Conv3DBackpropFilterV2``, called directly; through XLA for
+dilation or groups, which TF's CPU kernels lack) and the Gram from the core's structured
+``conv_gram``, with FFT correlations: no patch matrix, except for the b x b form (b < n).
 
 TensorFlow tensors are outside array-api-compat, so the core runs on ``_TFNamespace``, a
 shim giving the handful of array-API functions it calls plus a Cholesky ``spd_solve``.
 Everything works eagerly and inside ``tf.function`` (with or without ``jit_compile``).
 Shapes must be static except the batch axis: under ``tf.function`` with an unknown batch
-size the kernel gradient picks the n x n or the b x b system at run time.
+size the kernel gradient picks the n x n or the b x b system at run time, and the conv
+Gram sums over fixed-size chunks of images.
 """
 
 from __future__ import annotations
@@ -37,23 +38,77 @@ import tensorflow as tf
 import tract_core as _tc
 from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis
 
+try:  # TF's own test for tracing under jit_compile (internal, long-lived; see its use)
+    from tensorflow.python.ops.control_flow_util import (
+        GraphOrParentsInXlaContext as _graph_in_xla_context,
+    )
+except ImportError:  # pragma: no cover
+    _graph_in_xla_context = None
+
 __all__ = ["conv", "dense"]
 
 
 # --------------------------------------------------------------------------- namespace
 
 
+def _compiling_with_xla():
+    """Whether the ops being built will be compiled by XLA (inside a
+    ``tf.function(jit_compile=True)``, also nested), where other algorithms are faster."""
+    if tf.executing_eagerly():
+        return False
+    if _graph_in_xla_context is None:  # no way to tell: what suits XLA is right anywhere
+        return True
+    return _graph_in_xla_context(tf.compat.v1.get_default_graph())
+
+
+def _unit_batch(x):
+    """Whether x is a stack of one matrix (leading axes, all of size 1), at most one of
+    its two sizes unknown, in a graph XLA compiles (see _TFNamespace.matmul)."""
+    return (x.shape.rank > 2 and all(size == 1 for size in x.shape[:-2])
+            and x.shape[-2:].as_list().count(None) <= 1 and _compiling_with_xla())
+
+
+def _matrix_view(x):
+    return tf.reshape(x, [-1 if size is None else size for size in x.shape[-2:]])
+
+
+def _stack_view(x, batch):
+    return tf.reshape(x, [*batch, *(-1 if size is None else size for size in x.shape)])
+
+
+def _matrix_transpose(x, /):
+    if _unit_batch(x):  # see _TFNamespace.matmul
+        return _stack_view(tf.transpose(_matrix_view(x)), x.shape[:-2])
+    return tf.linalg.matrix_transpose(x)
+
+
 class _TFNamespace:
     """TensorFlow as the small array-API namespace the core calls (``xp=`` argument).
 
-    Only what ``tract_core._core`` uses: dtype queries, ``astype``, ``eye``, ``matmul``,
-    ``linalg.matrix_transpose``, ``stack``/``reshape``/``permute_dims`` (conv patches) and
-    ``spd_solve``, which makes this namespace its own Cholesky backend.
+    Only what ``tract_core._core`` uses: dtype queries, ``astype``, ``eye``, ``zeros``,
+    ``asarray``, ``matmul``, ``linalg.matrix_transpose``, ``where``, ``stack``/``concat``/
+    ``reshape``/``permute_dims``/``take`` (conv patches and the structured conv Gram), and
+    ``spd_solve`` and ``constant``, which make this namespace its own backend.
     """
 
     float32 = tf.float32
-    linalg = types.SimpleNamespace(matrix_transpose=tf.linalg.matrix_transpose)
-    matmul = staticmethod(tf.linalg.matmul)
+    linalg = types.SimpleNamespace(matrix_transpose=_matrix_transpose)
+    where = staticmethod(tf.where)
+
+    def __init__(self):
+        self._constants = {}  # see constant()
+
+    @staticmethod
+    def matmul(x1, x2, /):
+        # The XLA that TF 2.21 bundles runs a dot with batch axes, and a transpose it
+        # cannot fold into a dot, several times slower on CPU than a 2-D dot of a
+        # transposed operand. Under XLA a stack of one matrix (one group) is multiplied,
+        # and transposed (_matrix_transpose), as 2-D views. (Outside XLA, grappler folds
+        # a transpose into the matmul; views in between would stop it.)
+        if _unit_batch(x1) and _unit_batch(x2) and x1.shape.rank == x2.shape.rank:
+            product = tf.linalg.matmul(_matrix_view(x1), _matrix_view(x2))
+            return _stack_view(product, x1.shape[:-2])
+        return tf.linalg.matmul(x1, x2)
 
     @staticmethod
     def isdtype(dtype, kind):
@@ -76,8 +131,24 @@ class _TFNamespace:
         return tf.eye(n_rows, dtype=dtype or tf.float32)
 
     @staticmethod
+    def zeros(shape, /, *, dtype=None, device=None):
+        return tf.zeros(shape, dtype=dtype or tf.float32)
+
+    @staticmethod
+    def asarray(obj, /, *, dtype=None, device=None, copy=None):
+        return tf.convert_to_tensor(obj) if dtype is None else tf.cast(obj, dtype)
+
+    @staticmethod
     def stack(arrays, /, *, axis=0):
         return tf.stack(arrays, axis=axis)
+
+    @staticmethod
+    def concat(arrays, /, *, axis=0):
+        return tf.concat(arrays, axis=axis)
+
+    @staticmethod
+    def take(x, indices, /, *, axis=None):
+        return tf.gather(x, indices, axis=axis)
 
     @staticmethod
     def reshape(x, /, shape):
@@ -85,7 +156,25 @@ class _TFNamespace:
 
     @staticmethod
     def permute_dims(x, /, axes):
+        moved = [axis for axis in axes if x.shape[axis] != 1]
+        if moved == sorted(moved) and x.shape.num_elements() is not None:
+            # Only axes of size 1 move (e.g. the group axis of one group): a reshape.
+            return tf.reshape(x, [x.shape[axis] for axis in axes])
         return tf.transpose(x, axes)
+
+    def constant(self, key, array, dtype, device):
+        """The core's numpy index/mask ``array`` as a tensor: a graph constant when
+        tracing; eagerly, made once per device and kept (as the torch backend does)."""
+        if not tf.executing_eagerly():
+            return tf.constant(array, dtype=dtype)
+        cache_key = (key, dtype, device)
+        found = self._constants.get(cache_key)
+        if found is None:
+            if len(self._constants) >= 256:
+                self._constants.clear()
+            with tf.device(device or None):
+                found = self._constants[cache_key] = tf.constant(array, dtype=dtype)
+        return found
 
     @staticmethod
     def spd_solve(a, rhs):
@@ -97,8 +186,32 @@ class _TFNamespace:
         """
         finite = tf.reduce_all(tf.math.is_finite(a), axis=[-2, -1], keepdims=True)
         safe = tf.where(finite, a, tf.eye(a.shape[-1], dtype=a.dtype))
-        solution = tf.linalg.cholesky_solve(tf.linalg.cholesky(safe), rhs)
+        factor = _cholesky(safe) if _compiling_with_xla() else tf.linalg.cholesky(safe)
+        solution = tf.linalg.cholesky_solve(factor, rhs)
         return tf.where(finite, solution, tf.constant(math.nan, dtype=rhs.dtype))
+
+
+_CHOLESKY_BLOCK = 64
+
+
+def _cholesky(a):
+    """Lower Cholesky factor of SPD ``a`` (..., n, n), by halves above _CHOLESKY_BLOCK.
+
+    For XLA, whose own Cholesky is slow on CPU beyond a few dozen rows (60 ms at n = 768,
+    TF's kernel outside XLA: 8 ms): factoring the leading half, solving for the panel and
+    factoring the Schur complement puts nearly all the work in matmuls.
+    """
+    n = a.shape[-1]
+    if n <= _CHOLESKY_BLOCK:
+        return tf.linalg.cholesky(a)
+    half = n // 2
+    lead = _cholesky(a[..., :half, :half])
+    # panel = A21 L11^-T, from L11 X = A21^T
+    panel = tf.linalg.matrix_transpose(tf.linalg.triangular_solve(
+        lead, tf.linalg.matrix_transpose(a[..., half:, :half]), lower=True))
+    rest = _cholesky(a[..., half:, half:] - tf.linalg.matmul(panel, panel, transpose_b=True))
+    upper = tf.concat([lead, tf.zeros_like(a[..., :half, half:])], axis=-1)
+    return tf.concat([upper, tf.concat([panel, rest], axis=-1)], axis=-2)
 
 
 _TF = _TFNamespace()
@@ -122,46 +235,48 @@ def _replica_context(sync):
     return context
 
 
-def _rows_weight_grad(rows, grads, lam, sync=False):
+def _weight_grad(plain_and_gram, rows_and_grads, count, n, lam, sync=False):
     """TrAct's weight gradient per group, torch layout, from the core.
 
     Args:
-        rows: (g, b, n) inputs X, compute dtype. grads: (g, b, m) output gradients G.
-        lam: finite float > 0.
+        plain_and_gram: () -> (G^T X (g, m, n), X^T X (g, n, n)), compute dtype.
+        rows_and_grads: () -> (X (g, b, n), G (g, b, m)); called only where b < n may
+            hold, for the b x b push-through form.
+        count: b, an int, or a 0-d int tensor when the batch size is not static.
+        n: the row width. lam: finite float > 0.
 
     Returns:
-        (g, m, n). With b known statically the core picks its form (n x n solve for
-        b >= n, b x b push-through for b < n); with b unknown (``tf.function`` over a
-        batch of unknown size, as Keras traces) a ``tf.cond`` picks it at run time.
-        With ``sync`` inside a tf.distribute replica context of several replicas, the
-        Gram and the row count are summed over the replicas (always the n x n form), so
-        the strategy's gradient sum yields the full-batch TrAct gradient.
+        (g, m, n). With b static the form is picked now (n x n solve for b >= n, b x b
+        push-through for b < n); with b unknown (``tf.function`` over a batch of unknown
+        size, as Keras traces) a ``tf.cond`` picks it at run time. With ``sync`` inside a
+        tf.distribute replica context of several replicas, the Gram and the row count
+        are summed over the replicas (always the n x n form), so the strategy's gradient
+        sum yields the full-batch TrAct gradient.
     """
     context = _replica_context(sync)
-    if context is not None:
-        plain = tf.matmul(grads, rows, transpose_a=True)  # G^T X of this replica's rows
-        gram = context.all_reduce(tf.distribute.ReduceOp.SUM, _tc.gram(rows, xp=_TF))
-        count = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                   tf.cast(tf.shape(rows)[-2], gram.dtype))
-        return _tc.precondition(plain, gram, count, lam, xp=_TF)
-    b, n = rows.shape[-2], rows.shape[-1]
-    if b is not None:
-        return _tc.weight_grad(rows, grads, lam, xp=_TF)
-    count = tf.shape(rows)[-2]
 
-    def many_rows():
-        plain = tf.matmul(grads, rows, transpose_a=True)  # G^T X
-        gram = _tc.gram(rows, xp=_TF)
-        return _tc.precondition(plain, gram, tf.cast(count, gram.dtype), lam, xp=_TF)
+    def many_rows(plain, gram):
+        rows = count if isinstance(count, int) else tf.cast(count, gram.dtype)
+        if context is not None:
+            gram = context.all_reduce(tf.distribute.ReduceOp.SUM, gram)
+            rows = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, gram.dtype))
+        return _tc.precondition(plain, gram, rows, lam, xp=_TF)
 
-    if n == 1:
-        return many_rows()
+    if context is not None or n == 1 or (isinstance(count, int) and count >= n):
+        return many_rows(*plain_and_gram())
+    if isinstance(count, int):
+        return _tc.weight_grad(*rows_and_grads(), lam, xp=_TF)
+    # b unknown: the n x n statistics are made outside the tf.cond, since XLA runs a
+    # convolution of a batch of unknown size inside a conditional very slowly (seconds,
+    # TF 2.21 on CPU). With b < n they are small: b < n rows of n entries.
+    plain, gram = plain_and_gram()
 
     def few_rows():
         # The core's b x b form needs a static b. Zero rows up to n - 1 (still < n, so the
         # core keeps the push-through form) add a decoupled lam I block and nothing else;
         # scaling X up and G down by sqrt((n - 1) / b) turns the core's count n - 1 back
         # into b: (s X)(s X)^T / (n - 1) = X X^T / b, and the s cancels in G^T ... X.
+        rows, grads = rows_and_grads()
         padded = n - 1
         scale = tf.sqrt(tf.cast(padded, rows.dtype) / tf.cast(count, rows.dtype))
 
@@ -172,7 +287,7 @@ def _rows_weight_grad(rows, grads, lam, sync=False):
 
         return _tc.weight_grad(fill(rows) * scale, fill(grads) / scale, lam, xp=_TF)
 
-    return tf.cond(count >= n, many_rows, few_rows)
+    return tf.cond(count >= n, lambda: many_rows(plain, gram), few_rows)
 
 
 def _with_kernel_grad(z, kernel, kernel_grad):
@@ -206,8 +321,13 @@ def _dense_kernel_grad(x, grad_z, kernel, lam, sync):
     dtype = _compute_dtype(x.dtype)
     rows = tf.reshape(tf.cast(x, dtype), (1, -1, n))
     grads = tf.reshape(tf.cast(grad_z, dtype), (1, -1, m))
-    grad_w = _rows_weight_grad(rows, grads, lam, sync)  # (1, m, n)
-    return tf.cast(tf.transpose(grad_w[0]), kernel.dtype)
+    count = rows.shape[1] if rows.shape[1] is not None else tf.shape(rows)[1]
+
+    def plain_and_gram():
+        return tf.matmul(grads, rows, transpose_a=True), _tc.gram(rows, xp=_TF)  # G^T X
+
+    grad_w = _weight_grad(plain_and_gram, lambda: (rows, grads), count, n, lam, sync)
+    return tf.cast(tf.transpose(grad_w[0]), kernel.dtype)  # (1, m, n) -> (n, m)
 
 
 def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
@@ -329,21 +449,174 @@ def _conv_rows(x_padded, window, geometry):
     return tf.reshape(tf.transpose(patches, (1, 0, 2, 3)), (g, -1, index.shape[-1]))
 
 
+def _filter_grad_op(strides, dilation, groups):
+    """``op(x, grad_z, kernel_shape, pads)``: TF's own filter-gradient kernel for the
+    convolution of channels-last x zero-padded by ``pads`` ((lo, hi) per axis), kernel
+    (*window, C/g, M). TF's CPU kernels lack dilation and groups, so those run through
+    XLA, which has both (and stride with dilation)."""
+    if groups > 1 or max(dilation) > 1:
+        return _xla_filter_grad(strides, dilation)
+    return functools.partial(_filter_grad, strides=strides, dilation=dilation)
+
+
+def _filter_grad(x, grad_z, kernel_shape, pads, strides, dilation):
+    if len(strides) == 1:  # as 2-D over a singleton axis
+        return _filter_grad(x[:, None], grad_z[:, None], (1, *kernel_shape), ((0, 0), *pads),
+                            (1, *strides), (1, *dilation))[0]
+    options = dict(filter_sizes=kernel_shape, out_backprop=grad_z, strides=(1, *strides, 1),
+                   dilations=(1, *dilation, 1))
+    if len(strides) == 3:  # Conv3D takes no explicit pads
+        x = tf.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
+        return tf.raw_ops.Conv3DBackpropFilterV2(input=x, padding="VALID", **options)
+    if not any(map(any, pads)):
+        return tf.raw_ops.Conv2DBackpropFilter(input=x, padding="VALID", **options)
+    # Explicit pads inside the kernel: no padded copy of channels-last x, which is slow.
+    explicit = [0, 0, *(p for lo_hi in pads for p in lo_hi), 0, 0]
+    return tf.raw_ops.Conv2DBackpropFilter(input=x, padding="EXPLICIT",
+                                           explicit_paddings=explicit, **options)
+
+
+@functools.cache
+def _xla_filter_grad(strides, dilation):
+    def filter_grad(x, grad_z, kernel_shape, pads):
+        return _filter_grad(x, grad_z, kernel_shape, pads, strides, dilation)
+
+    compiled = tf.function(filter_grad, jit_compile=True, autograph=False)
+    return lambda x, grad_z, kernel_shape, pads: compiled(x, grad_z, tuple(kernel_shape),
+                                                         tuple(pads))
+
+
+@functools.cache
+def _fft_size(length):
+    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
+    size = max(length, 1)
+    while True:
+        rest = size
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
+_RFFT = {1: (tf.signal.rfft, tf.signal.irfft), 2: (tf.signal.rfft2d, tf.signal.irfft2d),
+         3: (tf.signal.rfft3d, tf.signal.irfft3d)}
+
+
+def _correlate(g, y, shifts):
+    """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u] for u < shifts, the correlation
+    the core's conv_gram asks for. g (N, I, *inner), y (N, J, *outer), outer = inner +
+    shifts - 1.
+
+    By FFTs: TF's filter-gradient kernels (and XLA's convolutions) are slow on a window as
+    large as the image. The images go in chunks of about _CORRELATE_CHUNK entries of y,
+    which bounds the spectra's memory.
+    """
+    step = max(1, _CORRELATE_CHUNK // math.prod(y.shape[1:]))
+    parts = [_correlate_by_fft(g[lo:lo + step], y[lo:lo + step], shifts)
+             for lo in range(0, g.shape[0], step)]
+    return tf.add_n(parts) if len(parts) > 1 else parts[0]
+
+
+_CORRELATE_CHUNK = 1 << 21  # 8 MiB of float32
+
+
+def _correlate_by_fft(g, y, shifts):
+    # Transforms at least y's size, so no lag u < shifts wraps around; lengths with small
+    # prime factors only. The sum over n is one product per frequency.
+    d = len(shifts)
+    size = [_fft_size(s) for s in y.shape[2:]]
+    rfft, irfft = _RFFT[d]
+    axes = "xyz"[:d]
+    spectrum = tf.einsum(f"ni{axes},nj{axes}->ij{axes}",
+                         tf.math.conj(rfft(g, fft_length=size)), rfft(y, fft_length=size))
+    out = irfft(spectrum, fft_length=size)
+    return out[(slice(None), slice(None), *(slice(0, k) for k in shifts))]
+
+
+_GRAM_CHUNK = 8  # images per step of the Gram when the batch size is not static
+_ORDERED_SIZE = 1 << 22  # padded input entries from which the Gram goes first (16 MiB)
+
+
+def _conv_gram(x, window, geometry):
+    """(g, n_g, n_g) Gram of the patches of channels-first padded x (N, C, *spatial), by
+    the core's structured conv Gram.
+
+    The core needs static shapes: with N unknown it sums the Grams of chunks of
+    _GRAM_CHUNK images, zero images filling the last chunk (their patches add nothing).
+    """
+    def chunk_gram(part):
+        return _tc.conv_gram(part, window, geometry.strides, geometry.dilation,
+                             geometry.groups, correlate=_correlate, xp=_TF)
+
+    if x.shape[0] is not None:
+        return chunk_gram(x)
+    count = tf.shape(x)[0]
+    chunks = (count + _GRAM_CHUNK - 1) // _GRAM_CHUNK
+    filled = tf.pad(x, [(0, chunks * _GRAM_CHUNK - count)] + [(0, 0)] * (x.shape.rank - 1))
+    filled = tf.reshape(filled, (-1, _GRAM_CHUNK, *x.shape[1:]))
+    n_g = x.shape[1] // geometry.groups * math.prod(window)
+    total = tf.zeros((geometry.groups, n_g, n_g), x.dtype)
+    _, total = tf.while_loop(lambda i, total: i < chunks,
+                             lambda i, total: (i + 1, total + chunk_gram(filled[i])),
+                             (tf.constant(0), total))
+    return total
+
+
 def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):
     d = kernel.shape.rank - 2
     *window, c_g, m = kernel.shape
     window = tuple(window)
-    g = geometry.groups
+    g, m_g, n = geometry.groups, m // geometry.groups, c_g * math.prod(window)
     dtype = _compute_dtype(x.dtype)
     x = tf.cast(x, dtype)
     grad_z = tf.cast(grad_z, dtype)
     pads = _resolve_pads(geometry.padding, tuple(x.shape[1:-1]), window, geometry.strides,
                          geometry.dilation)
-    padded = tf.pad(x, [(0, 0), *pads, (0, 0)])
-    rows = _conv_rows(tf.transpose(padded, (0, d + 1, *range(1, d + 1))), window, geometry)
-    grads = tf.transpose(tf.reshape(grad_z, (-1, g, m // g)), (1, 0, 2))  # (g, N*L, m_g)
-    grad_w = _rows_weight_grad(rows, grads, lam, sync)  # (g, M/g, C/g * K)
-    grad_w = tf.reshape(grad_w, (m, c_g, *window))
+    positions = math.prod(grad_z.shape[1:-1])
+    count = (x.shape[0] * positions if x.shape[0] is not None
+             else tf.shape(x)[0] * positions)
+
+    def padded_channels_first(x):
+        """(N, C, *padded): the core's layout. Padded after the transpose, where rows are
+        long (padding a channels-last tensor of 3 channels is slow)."""
+        x = tf.transpose(x, (0, d + 1, *range(1, d + 1)))
+        return tf.pad(x, [(0, 0), (0, 0), *pads]) if any(map(any, pads)) else x
+
+    def plain_and_gram():
+        images = padded_channels_first(x)
+        gram = _conv_gram(images, window, geometry)
+        dz, after = grad_z, []
+        # The Gram works on the whole batch, or on chunks of _GRAM_CHUNK images.
+        gram_images = _GRAM_CHUNK if x.shape[0] is None else x.shape[0]
+        if images.shape[1:].num_elements() * gram_images >= _ORDERED_SIZE:
+            # Large inputs: the Gram first, then the filter gradient, else (side by side)
+            # their temporaries add up. XLA drops control dependencies, so there a data
+            # dependency orders them: grad_z + 0 x a Gram entry (NaN/Inf in it would
+            # poison the result anyway). Small ones run side by side: faster.
+            after = [gram]
+            if _compiling_with_xla():
+                dz = grad_z + 0 * gram[0, 0, 0]
+        with tf.control_dependencies(after):
+            # The plain kernel gradient from TF's own kernel, in torch layout per group.
+            plain = _filter_grad_op(geometry.strides, geometry.dilation, g)(
+                x, dz, (*window, c_g, m), pads)
+        plain = tf.reshape(tf.transpose(plain, (d + 1, d, *range(d))), (g, m_g, n))
+        return plain, gram
+
+    def rows_and_grads():
+        # b < n: fewer than n / L images, the only ones the b x b form can get.
+        images, dz = x, grad_z
+        if x.shape[0] is None:
+            keep = max(1, (n - 1) // positions)
+            images, dz = x[:keep], grad_z[:keep]
+        rows = _conv_rows(padded_channels_first(images), window, geometry)
+        grads = tf.transpose(tf.reshape(dz, (-1, g, m_g)), (1, 0, 2))  # (g, N*L, m_g)
+        return rows, grads
+
+    grad_w = _weight_grad(plain_and_gram, rows_and_grads, count, n, lam, sync)
+    grad_w = tf.reshape(grad_w, (m, c_g, *window))  # (g, M/g, C/g * K) -> torch weight
     return tf.cast(tf.transpose(grad_w, (*range(2, d + 2), 1, 0)), kernel.dtype)
 
 

@@ -1,7 +1,11 @@
-"""Argument checks shared by the channels-last adapters (JAX, TensorFlow): no framework."""
+"""Argument checks and helpers shared by the channels-last adapters (JAX, TensorFlow).
+
+No framework is imported here.
+"""
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 
@@ -51,3 +55,17 @@ def check_bias_shape(shape, m):
     if shape is not None and tuple(shape) != (m,):
         raise ValueError(f"bias must have shape ({m},) (one per output feature), "
                          f"got shape {tuple(shape)}")
+
+
+@functools.cache
+def fft_size(length):
+    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
+    size = max(length, 1)
+    while True:
+        rest = size
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1

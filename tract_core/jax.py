@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import tract_core as _tc
-from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis
+from tract_core._args import check_bias_shape, conv_padding, fft_size, is_int, per_axis
 
 __all__ = ["conv", "dense"]
 
@@ -159,27 +159,13 @@ def _correlate_by_fft(g, y, shifts):
     # Transforms at least y's size, so no lag u < shifts wraps around; sizes with small
     # prime factors only, which FFTs are fast on. The sum over n is one product per
     # frequency.
-    size = tuple(_fft_size(s) for s in y.shape[2:])
+    size = tuple(fft_size(s) for s in y.shape[2:])
     axes = tuple(range(2, y.ndim))
     spectrum = jnp.einsum("ni...,nj...->ij...",
                           jnp.conj(jnp.fft.rfftn(g, s=size, axes=axes)),
                           jnp.fft.rfftn(y, s=size, axes=axes))
     out = jnp.fft.irfftn(spectrum, s=size, axes=axes)
     return out[(slice(None), slice(None), *(slice(0, k) for k in shifts))]
-
-
-@functools.cache
-def _fft_size(length):
-    """The smallest size >= length with no prime factor above 7."""
-    size = max(length, 1)
-    while True:
-        rest = size
-        for prime in (2, 3, 5, 7):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
 
 
 @dataclasses.dataclass(frozen=True)

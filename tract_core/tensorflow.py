@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 import tract_core as _tc
-from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis
+from tract_core._args import check_bias_shape, conv_padding, fft_size, is_int, per_axis
 
 try:  # TF's own test for tracing under jit_compile (internal, long-lived; see its use)
     from tensorflow.python.ops.control_flow_util import (
@@ -486,20 +486,6 @@ def _xla_filter_grad(strides, dilation):
                                                          tuple(pads))
 
 
-@functools.cache
-def _fft_size(length):
-    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
-    size = max(length, 1)
-    while True:
-        rest = size
-        for prime in (2, 3, 5, 7):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
-
-
 _RFFT = {1: (tf.signal.rfft, tf.signal.irfft), 2: (tf.signal.rfft2d, tf.signal.irfft2d),
          3: (tf.signal.rfft3d, tf.signal.irfft3d)}
 
@@ -526,7 +512,7 @@ def _correlate_by_fft(g, y, shifts):
     # Transforms at least y's size, so no lag u < shifts wraps around; lengths with small
     # prime factors only. The sum over n is one product per frequency.
     d = len(shifts)
-    size = [_fft_size(s) for s in y.shape[2:]]
+    size = [fft_size(s) for s in y.shape[2:]]
     rfft, irfft = _RFFT[d]
     axes = "xyz"[:d]
     spectrum = tf.einsum(f"ni{axes},nj{axes}->ij{axes}",

@@ -203,3 +203,29 @@ def test_wide_gram_is_blocked_but_exact(xp):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((50, 700))
     assert_close(tc.gram(asarray(xp, x)), x.T @ x, 1e-14)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_moments_are_the_products_of_the_patches(xp, case):
+    """G^T X, X^T X and the bias gradient from one patch matrix, any geometry."""
+    padded = np.pad(case.x, [(0, 0), (0, 0), *case.pads], mode=NP_PAD_MODE[case.padding_mode])
+    grad_w, gram, grad_bias = tc.conv_moments(
+        asarray(xp, padded), asarray(xp, case.grad_z), case.kernel, case.stride,
+        case.dilation, case.groups)
+    patches, grads = rows_of(case)
+    assert_close(grad_w, np.swapaxes(grads, -1, -2) @ patches, 1e-13, case.name)
+    assert_close(gram, np.swapaxes(patches, -1, -2) @ patches, 1e-13, case.name)
+    assert_close(grad_bias, case.grad_z.sum(axis=(0, *range(2, case.grad_z.ndim))), 1e-13)
+
+
+def test_conv_moments_on_random_geometries():
+    """Both layouts of the patch matrix and both ways of forming G^T X."""
+    rng = np.random.default_rng(8)
+    for x, kernel, stride, dilation, groups in random_geometries(60, seed=9):
+        patches = tc.conv_patches(x, kernel, stride, dilation, groups)
+        out = tc.conv_output_shape(x.shape[2:], kernel, stride, dilation)
+        grad_z = rng.standard_normal((x.shape[0], 3 * groups, *out))
+        grads = np.moveaxis(grad_z, 1, -1).reshape(-1, groups, 3).transpose(1, 0, 2)
+        grad_w, gram, _ = tc.conv_moments(x, grad_z, kernel, stride, dilation, groups)
+        np.testing.assert_allclose(grad_w, np.swapaxes(grads, -1, -2) @ patches, atol=1e-12)
+        np.testing.assert_allclose(gram, np.swapaxes(patches, -1, -2) @ patches, atol=1e-12)

@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import tract_core
 from conftest import CASES, assert_close, case_id, need
 
 torch = need("torch")
@@ -31,6 +32,16 @@ def plain_layer(case, dtype=torch.float64):
         if case.has_bias:
             layer.bias.copy_(torch.from_numpy(case.bias))
     return layer
+
+
+def _patch_matrix_path(case):
+    """Whether the wrapped conv takes the disjoint-patch (ViT) path: b >= n, no overlap."""
+    return (case.kind != "linear" and case.rows >= case.row_width
+            and tract_core.disjoint_patches(case.kernel, case.stride, case.dilation))
+
+
+def test_the_fixtures_exercise_the_disjoint_patch_path():
+    assert sum(map(_patch_matrix_path, CASES)) >= 3
 
 
 def run(layer, case, dtype=torch.float64):
@@ -62,7 +73,11 @@ def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case):
     z, grad_x = run(wrapped, case, torch.float32)
     assert torch.equal(z, z_plain)
     assert torch.equal(grad_x, grad_x_plain)
-    if case.has_bias:
+    if case.has_bias and _patch_matrix_path(case):
+        # Disjoint patches: the bias gradient is our own sum of grad_z, the plain layer's
+        # value up to float32 summation order.
+        assert_close(wrapped.bias.grad, bias_grad_plain, 1e-6, "grad_bias")
+    elif case.has_bias:
         assert torch.equal(wrapped.bias.grad, bias_grad_plain)
     assert wrapped.weight.grad.dtype == torch.float32
     assert_close(wrapped.weight.grad, case.grad_weight, 2e-4, "grad_weight")

@@ -13,8 +13,10 @@ package imports none of those frameworks.
 from ._core import (
     check_lam,
     conv_gram,
+    conv_moments,
     conv_output_shape,
     conv_patches,
+    disjoint_patches,
     gram,
     precondition,
     precondition_rows,
@@ -24,8 +26,10 @@ from ._core import (
 __all__ = [
     "check_lam",
     "conv_gram",
+    "conv_moments",
     "conv_output_shape",
     "conv_patches",
+    "disjoint_patches",
     "gram",
     "precondition",
     "precondition_rows",

@@ -32,8 +32,10 @@ from ._backends import backend
 __all__ = [
     "check_lam",
     "conv_gram",
+    "conv_moments",
     "conv_output_shape",
     "conv_patches",
+    "disjoint_patches",
     "gram",
     "precondition",
     "precondition_rows",
@@ -206,39 +208,97 @@ def conv_patches(x, kernel_size, stride, dilation, groups=1, *, xp=None):
         (groups, N * L, (C / groups) * prod(kernel_size)), L = output positions. Rows are
         ordered (N, *out_spatial) and columns (channel, *kernel offsets), so that row r of
         group g dotted with ``weight[g-th block].reshape(M / groups, -1)`` is the output.
+        The result may be a transposed view of a (groups, n_g, N * L) array: the copy
+        into that layout keeps long contiguous runs, and matmuls take either.
     """
     xp = _namespace(x, xp=xp)
+    return _mT(xp, _patch_matrix(xp, x, kernel_size, stride, dilation, groups))
+
+
+def disjoint_patches(kernel_size, stride, dilation) -> bool:
+    """True when no two receptive fields share an input element (ViT patch embeddings)."""
+    return all(k <= st and (k == 1 or d == 1)
+               for k, st, d in zip(kernel_size, stride, dilation))
+
+
+def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
+    """:func:`conv_patches` transposed, (groups, n_g, N * L): a contiguous array or the
+    transposed view of one, whichever copy keeps the longer contiguous runs."""
     n_batch, channels, *spatial = x.shape
     out = conv_output_shape(spatial, kernel_size, stride, dilation)
     if any(o <= 0 for o in out):
         raise ValueError(f"kernel_size {tuple(kernel_size)} with dilation {tuple(dilation)} "
                          f"does not fit the padded input of spatial shape {tuple(spatial)}")
     per_group = channels // groups * math.prod(kernel_size)
-    positions = math.prod(out)
-    if all(k <= st and (k == 1 or d == 1) and n * st <= size
-           for k, st, d, n, size in zip(kernel_size, stride, dilation, out, spatial)):
-        # Disjoint patches (ViT): a reshape, no gather. (N, C, L0, s0, L1, s1, ...)
+    d = len(out)
+    if disjoint_patches(kernel_size, stride, dilation) and all(
+            n * st <= size for n, st, size in zip(out, stride, spatial)):
+        # A reshape, no gather: (N, C, L0, s0, L1, s1, ...), then a transposed copy.
         split = [v for n, st in zip(out, stride) for v in (n, st)]
         tiles = x[(slice(None), slice(None), *(slice(0, n * st) for n, st in zip(out, stride)))]
         tiles = xp.reshape(tiles, (n_batch, channels, *split))
         tiles = tiles[(slice(None), slice(None),
                        *(v for k in kernel_size for v in (slice(None), slice(0, k))))]
-        d = len(out)
-        order = (0, *(2 + 2 * a for a in range(d)), 1, *(3 + 2 * a for a in range(d)))
-        patches = xp.reshape(xp.permute_dims(tiles, order),
-                             (n_batch * positions, groups, per_group))
-        return xp.permute_dims(patches, (1, 0, 2))
+        positions = tuple(2 + 2 * a for a in range(d))
+        offsets = tuple(3 + 2 * a for a in range(d))
+        if kernel_size[-1] >= 8:
+            # Rows (N, *L | C, *k) copy runs of a kernel row (ViT-16: 64 bytes).
+            rows = xp.reshape(xp.permute_dims(tiles, (0, *positions, 1, *offsets)),
+                              (-1, groups, per_group))
+            return xp.permute_dims(rows, (1, 2, 0))
+        # Narrow kernels (CIFAR ViT-4): columns (C, *k | N, *L) copy faster.
+        return xp.reshape(xp.permute_dims(tiles, (1, *offsets, 0, *positions)),
+                          (groups, per_group, -1))
     taps = []
     for offsets in itertools.product(*(range(k) for k in kernel_size)):
         window = tuple(
-            slice(o * d, o * d + st * (n - 1) + 1, st)
-            for o, d, st, n in zip(offsets, dilation, stride, out)
+            slice(o * dl, o * dl + st * (n - 1) + 1, st)
+            for o, dl, st, n in zip(offsets, dilation, stride, out)
         )
         taps.append(x[(slice(None), slice(None), *window)])
     patches = xp.stack(taps, axis=2)  # (N, C, K, *out)
-    patches = xp.reshape(patches, (n_batch, groups, per_group, positions))
-    patches = xp.permute_dims(patches, (1, 0, 3, 2))
-    return xp.reshape(patches, (groups, n_batch * positions, per_group))
+    patches = xp.reshape(patches, (n_batch, groups, per_group, math.prod(out)))
+    patches = xp.permute_dims(patches, (1, 2, 0, 3))  # runs of L: (g, n_g, N, L)
+    return xp.reshape(patches, (groups, per_group, -1))
+
+
+def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
+    """The plain weight gradient ``G^T X`` and the Gram ``X^T X`` of a conv, from one
+    explicit patch matrix.
+
+    The choice for disjoint patches (ViT patch embeddings), where X is the input
+    reordered, no larger: both products are then matmuls on one copy of x.
+
+    Args:
+        x: (N, C, *spatial) channels-first input, already padded.
+        grad_z: (N, M, *out) the gradient of the layer's output.
+        kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
+
+    Returns:
+        ``(grad_w, gram, grad_bias)``: (groups, M/g, n_g), (groups, n_g, n_g) and (M,), in
+        x's compute dtype (float32 for float16/bfloat16 x).
+    """
+    xp = _namespace(x, grad_z, xp=xp)
+    dtype = _compute_dtype(xp, x.dtype)
+    matrix = _patch_matrix(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
+                           dilation, groups)  # X^T per group: (g, n_g, N * L)
+    n_batch, m = grad_z.shape[0], grad_z.shape[1]
+    g, n_g = matrix.shape[0], matrix.shape[1]
+    grads = xp.reshape(xp.astype(grad_z, dtype, copy=False), (n_batch, m, -1))
+    positions = grads.shape[-1]
+    if n_g <= positions:
+        # G^T X = sum_n G_n^T X_n: per-image products, (N, M, n_g) no larger than G,
+        # cost less than a transposed copy of G.
+        per_image = xp.permute_dims(xp.reshape(matrix, (g, n_g, n_batch, positions)),
+                                    (2, 0, 3, 1))  # (N, g, L, n_g)
+        products = xp.matmul(xp.reshape(grads, (n_batch, g, m // g, positions)), per_image)
+        grad_w = xp.sum(products, axis=0)
+    else:
+        rows = xp.permute_dims(xp.reshape(grads, (n_batch, g, m // g, positions)),
+                               (1, 2, 0, 3))
+        grad_w = xp.matmul(xp.reshape(rows, (g, m // g, -1)), _mT(xp, matrix))
+    grad_bias = xp.sum(grads, axis=(0, 2))
+    return grad_w, gram(_mT(xp, matrix), xp=xp), grad_bias
 
 
 def _correlate_by_slices(xp, g, x, kernel_shape):

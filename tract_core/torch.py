@@ -115,6 +115,13 @@ def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bi
     m_g, n_g = weight.shape[0] // g, weight[0].numel()
     b = grad_z.shape[0] * grad_z[0, 0].numel()
     push_through = need_weight and b < n_g and not _syncing(options)
+    if need_weight and not push_through and _tc.disjoint_patches(
+            kernel_size, geometry.stride, geometry.dilation):
+        # ViT patches: the patch matrix is the input reordered, and two matmuls on it
+        # beat the conv kernel's weight gradient (on CPU) and give the Gram as well.
+        grad_w, gram, grad_b = _tc.conv_moments(x, grad_z, kernel_size, geometry.stride,
+                                                geometry.dilation, g, xp=_xp)
+        return _precondition(grad_w, gram, b, options), grad_b if need_bias else None
     mask = [False, need_weight and not push_through, need_bias]
     grad_w = grad_b = None
     if any(mask):

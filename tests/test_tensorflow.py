@@ -175,7 +175,7 @@ def test_bfloat16_runs_and_is_close(name):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("name", ["linear_b_lt_n", "linear_rows", "conv2d_b_lt_n_pixels",
-                                  "conv2d_cifar_stem"])
+                                  "conv2d_cifar_stem", "conv2d_patchify_groups_gaps"])
 def test_unknown_batch_size_in_tf_function(name, jit):
     """Keras traces with batch size None; the kernel gradient chooses its form at run time."""
     case = next(c for c in TF_CASES if c.name == name)

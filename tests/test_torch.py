@@ -6,8 +6,9 @@ import pathlib
 
 import numpy as np
 import pytest
-import tract_core
 from conftest import CASES, assert_close, case_id, need
+
+import tract_core
 
 torch = need("torch")
 nn = torch.nn

@@ -224,7 +224,7 @@ def disjoint_patches(kernel_size, stride, dilation) -> bool:
 def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
     """:func:`conv_patches` transposed, (groups, n_g, N * L): a contiguous array or the
     transposed view of one, whichever copy keeps the longer contiguous runs."""
-    n_batch, channels, *spatial = x.shape
+    _, channels, *spatial = x.shape
     out = conv_output_shape(spatial, kernel_size, stride, dilation)
     if any(o <= 0 for o in out):
         raise ValueError(f"kernel_size {tuple(kernel_size)} with dilation {tuple(dilation)} "
@@ -236,7 +236,7 @@ def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
         # A reshape, no gather: (N, C, L0, s0, L1, s1, ...), then a transposed copy.
         split = [v for n, st in zip(out, stride) for v in (n, st)]
         tiles = x[(slice(None), slice(None), *(slice(0, n * st) for n, st in zip(out, stride)))]
-        tiles = xp.reshape(tiles, (n_batch, channels, *split))
+        tiles = xp.reshape(tiles, (-1, channels, *split))  # N may be unknown (TF graphs)
         tiles = tiles[(slice(None), slice(None),
                        *(v for k in kernel_size for v in (slice(None), slice(0, k))))]
         positions = tuple(2 + 2 * a for a in range(d))
@@ -257,7 +257,7 @@ def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
         )
         taps.append(x[(slice(None), slice(None), *window)])
     patches = xp.stack(taps, axis=2)  # (N, C, K, *out)
-    patches = xp.reshape(patches, (n_batch, groups, per_group, math.prod(out)))
+    patches = xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
     patches = xp.permute_dims(patches, (1, 2, 0, 3))  # runs of L: (g, n_g, N, L)
     return xp.reshape(patches, (groups, per_group, -1))
 
@@ -282,22 +282,19 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     dtype = _compute_dtype(xp, x.dtype)
     matrix = _patch_matrix(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
                            dilation, groups)  # X^T per group: (g, n_g, N * L)
-    n_batch, m = grad_z.shape[0], grad_z.shape[1]
-    g, n_g = matrix.shape[0], matrix.shape[1]
-    grads = xp.reshape(xp.astype(grad_z, dtype, copy=False), (n_batch, m, -1))
-    positions = grads.shape[-1]
+    g, n_g, m = matrix.shape[0], matrix.shape[1], grad_z.shape[1]
+    positions = math.prod(grad_z.shape[2:])
+    grads = xp.reshape(xp.astype(grad_z, dtype, copy=False), (-1, g, m // g, positions))
     if n_g <= positions:
         # G^T X = sum_n G_n^T X_n: per-image products, (N, M, n_g) no larger than G,
         # cost less than a transposed copy of G.
-        per_image = xp.permute_dims(xp.reshape(matrix, (g, n_g, n_batch, positions)),
+        per_image = xp.permute_dims(xp.reshape(matrix, (g, n_g, -1, positions)),
                                     (2, 0, 3, 1))  # (N, g, L, n_g)
-        products = xp.matmul(xp.reshape(grads, (n_batch, g, m // g, positions)), per_image)
-        grad_w = xp.sum(products, axis=0)
+        grad_w = xp.sum(xp.matmul(grads, per_image), axis=0)
     else:
-        rows = xp.permute_dims(xp.reshape(grads, (n_batch, g, m // g, positions)),
-                               (1, 2, 0, 3))
-        grad_w = xp.matmul(xp.reshape(rows, (g, m // g, -1)), _mT(xp, matrix))
-    grad_bias = xp.sum(grads, axis=(0, 2))
+        rows = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (g, m // g, -1))
+        grad_w = xp.matmul(rows, _mT(xp, matrix))
+    grad_bias = xp.reshape(xp.sum(grads, axis=(0, 3)), (m,))
     return grad_w, gram(_mT(xp, matrix), xp=xp), grad_bias
 
 

@@ -122,6 +122,10 @@ class _Dense:
         rows = jnp.reshape(x, (1, -1, kernel.shape[0]))
         return _tc.gram(rows.astype(_compute_dtype(x.dtype)))
 
+    def statistics(self, x, grad_z, kernel):
+        """(plain_grads, gram): each segment's G_s^T X_s and X^T X over all segments."""
+        return self.plain_grads(x, grad_z, kernel), self.gram(x, kernel)
+
     def to_kernel_layout(self, grads, kernel):
         """(1, S, m, n) torch layout -> (S, n, m) Flax layout."""
         return jnp.swapaxes(grads[0], -1, -2)
@@ -252,6 +256,20 @@ class _Conv:
                              self.strides, self.dilation, self.groups, correlate=_correlate,
                              xp=jnp)
 
+    def statistics(self, x, grad_z, kernel):
+        """(plain_grads, gram) as those methods give them. Disjoint patches (ViT) with one
+        segment take both from one patch matrix, the input reordered: two matmuls, which
+        XLA's CPU runs several times faster than its conv transpose (no dilation or
+        cropping there, so the plain gradient is the same sum)."""
+        window = kernel.shape[:-2]
+        if x.shape[0] > 1 or not _tc.disjoint_patches(window, self.strides, self.dilation):
+            return self.plain_grads(x, grad_z, kernel), self.gram(x, kernel)
+        grad_z = jnp.moveaxis(grad_z[0], -1, 1).astype(_compute_dtype(x.dtype, grad_z.dtype))
+        plain, gram, _ = _tc.conv_moments(self.padded_channels_first(x, kernel), grad_z,
+                                          window, self.strides, self.dilation, self.groups,
+                                          xp=jnp)
+        return plain[:, None], gram
+
     def from_kernel_layout(self, grads):
         """(S, *window, C/g, M) Flax layout -> (g, S, M/g, C/g*K) torch layout per group."""
         segments, *window, c_g, m = grads.shape
@@ -291,11 +309,11 @@ def _segment_weight_grads(layer, x, grad_z, kernel):
     # With an axis name the n x n form is used whatever the local b: the b x b
     # push-through form would need every device's rows.
     if b >= n or layer.axis_name is not None:
-        plain = layer.plain_grads(x, grad_z, kernel)  # (g, S, m, n)
+        plain, gram = layer.statistics(x, grad_z, kernel)  # (g, S, m, n), (g, n, n)
         g, segments, m, _ = plain.shape
         # The Gram and row count are explicit: summing both over devices is all that data
         # parallelism adds.
-        gram, count = _synced_statistics(layer.axis_name, layer.gram(x, kernel), b)
+        gram, count = _synced_statistics(layer.axis_name, gram, b)
         out = _tc.precondition(jnp.reshape(plain, (g, segments * m, n)), gram, count,
                                layer.lam)
     else:

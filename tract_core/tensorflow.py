@@ -550,6 +550,28 @@ def _conv_gram(x, window, geometry):
     return total
 
 
+def _disjoint_gram(x, window, geometry, pads):
+    """(g, n_g, n_g) Gram of disjoint patches (ViT) from channels-last x (N, *spatial, C),
+    any N. The patch rows are x reordered to (N, *L | *window, C), a copy that keeps runs
+    of a window row times C (TF transposes them faster than the channels-first rows);
+    the Gram's columns are then put in torch order, (C/g, *window) per group."""
+    d, g = len(window), geometry.groups
+    x = tf.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
+    out = _tc.conv_output_shape(x.shape[1:-1], window, geometry.strides, geometry.dilation)
+    x = x[(slice(None), *(slice(0, n * s) for n, s in zip(out, geometry.strides)))]
+    x = tf.reshape(x, (-1, *(v for n, s in zip(out, geometry.strides) for v in (n, s)),
+                       x.shape[-1]))  # (N, L0, s0, L1, s1, ..., C)
+    x = x[(slice(None), *(v for k in window for v in (slice(None), slice(0, k))))]
+    order = (0, *(1 + 2 * a for a in range(d)), *(2 + 2 * a for a in range(d)), 2 * d + 1)
+    taps, c_g = math.prod(window), x.shape[-1] // g
+    rows = tf.reshape(tf.transpose(x, order), (-1, taps, g, c_g))
+    rows = (tf.reshape(rows, (1, -1, taps * c_g)) if g == 1
+            else tf.reshape(tf.transpose(rows, (2, 0, 1, 3)), (g, -1, taps * c_g)))
+    gram = tf.reshape(_tc.gram(rows, xp=_TF), (g, taps, c_g, taps, c_g))
+    n_g = taps * c_g
+    return tf.reshape(tf.transpose(gram, (0, 2, 1, 4, 3)), (g, n_g, n_g))
+
+
 def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):
     d = kernel.shape.rank - 2
     *window, c_g, m = kernel.shape
@@ -571,12 +593,14 @@ def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):
         return tf.pad(x, [(0, 0), (0, 0), *pads]) if any(map(any, pads)) else x
 
     def plain_and_gram():
-        images = padded_channels_first(x)
-        gram = _conv_gram(images, window, geometry)
+        if _tc.disjoint_patches(window, geometry.strides, geometry.dilation):
+            gram = _disjoint_gram(x, window, geometry, pads)
+        else:
+            gram = _conv_gram(padded_channels_first(x), window, geometry)
         dz, after = grad_z, []
         # The Gram works on the whole batch, or on chunks of _GRAM_CHUNK images.
         gram_images = _GRAM_CHUNK if x.shape[0] is None else x.shape[0]
-        if images.shape[1:].num_elements() * gram_images >= _ORDERED_SIZE:
+        if x.shape[1:].num_elements() * gram_images >= _ORDERED_SIZE:
             # Large inputs: the Gram first, then the filter gradient, else (side by side)
             # their temporaries add up. XLA drops control dependencies, so there a data
             # dependency orders them: grad_z + 0 x a Gram entry (NaN/Inf in it would

@@ -294,8 +294,9 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     else:
         rows = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (g, m // g, -1))
         grad_w = xp.matmul(rows, _mT(xp, matrix))
-    grad_bias = xp.reshape(xp.sum(grads, axis=(0, 3)), (m,))
-    return grad_w, gram(_mT(xp, matrix), xp=xp), grad_bias
+    # Innermost axis first: one reduction over (0, 3) runs several times slower in torch.
+    grad_bias = xp.sum(xp.sum(grads, axis=3), axis=0)
+    return grad_w, gram(_mT(xp, matrix), xp=xp), xp.reshape(grad_bias, (m,))
 
 
 def _correlate_by_slices(xp, g, x, kernel_shape):

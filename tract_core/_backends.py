@@ -18,6 +18,9 @@ import array_api_compat
 class _Generic:
     """Any array-API namespace (numpy, cupy, array-api-strict): factor, then two solves."""
 
+    # conv_moments: sum per-image matmuls rather than one matmul over a transposed copy.
+    prefers_batched_matmul = False
+
     def __init__(self, xp):
         self.xp = xp
 
@@ -38,6 +41,7 @@ class _Generic:
 
 
 class _Torch(_Generic):
+    prefers_batched_matmul = True  # measured on CPU: ~1.5 ms less for a CIFAR ViT-4 stem
     def __init__(self, xp):
         import torch
 

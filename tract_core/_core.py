@@ -285,9 +285,10 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     g, n_g, m = matrix.shape[0], matrix.shape[1], grad_z.shape[1]
     positions = math.prod(grad_z.shape[2:])
     grads = xp.reshape(xp.astype(grad_z, dtype, copy=False), (-1, g, m // g, positions))
-    if n_g <= positions:
+    if n_g <= positions and getattr(backend(xp), "prefers_batched_matmul", False):
         # G^T X = sum_n G_n^T X_n: per-image products, (N, M, n_g) no larger than G,
-        # cost less than a transposed copy of G.
+        # cost less than a transposed copy of G (in torch; XLA does better with one
+        # dot over the copy).
         per_image = xp.permute_dims(xp.reshape(matrix, (g, n_g, -1, positions)),
                                     (2, 0, 3, 1))  # (N, g, L, n_g)
         grad_w = xp.sum(xp.matmul(grads, per_image), axis=0)

@@ -22,10 +22,9 @@ The whole-network case of bench_torch.py (resnet18_cifar_step) is not repeated h
 measures the same stem inside a model whose definition exists only in PyTorch.
 """
 
-import argparse
-import json
 import os
-import time
+
+import _harness
 
 # name: (input shape (N, H, W, C), kernel shape (kh, kw, C, M), strides, padding)
 CASES = {
@@ -90,16 +89,7 @@ def run(step, args):
 
 
 def time_case(case, repeats):
-    runs = {v: make(case, v) for v in ("plain", "tract")}
-    best = {v: float("inf") for v in runs}
-    for v in runs:
-        run(*runs[v])  # compile and warm up
-    for _ in range(repeats):
-        for v, args in runs.items():
-            start = time.perf_counter()
-            run(*args)
-            best[v] = min(best[v], time.perf_counter() - start)
-    return best
+    return _harness.best_times({v: make(case, v) for v in ("plain", "tract")}, repeats, run)
 
 
 def planned_peak(case, variant):
@@ -110,36 +100,22 @@ def planned_peak(case, variant):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="*", default=list(GOALS))
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
-    parser.add_argument("--json", help="write the results here too")
-    args = parser.parse_args(argv)
+    args = _harness.parser(__doc__.splitlines()[0], GOALS).parse_args(argv)
     limit_threads(args.threads)
     import jax
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), {args.threads} threads, "
           f"min of {args.repeats} runs")
-    memory_column = " extra peak MiB |" if args.memory else ""
-    print("| case | plain ms | TrAct ms | ratio | goal |" + memory_column)
-    print("|---|---|---|---|---|" + ("---|" if args.memory else ""))
+    _harness.print_header(*_harness.TIMING_COLUMNS, *["extra peak MiB"] * args.memory)
     results = {}
     for case in args.cases:
-        best = time_case(case, args.repeats)
-        ratio = best["tract"] / best["plain"]
-        row = (f"| {case} | {best['plain'] * 1e3:.1f} | {best['tract'] * 1e3:.1f} | "
-               f"{ratio:.2f}x | <= {GOALS[case]}x |")
-        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"], "ratio": ratio}
+        cells, results[case] = _harness.timing_cells(case, time_case(case, args.repeats), GOALS)
         if args.memory:
             extra = planned_peak(case, "tract") - planned_peak(case, "plain")
             results[case]["extra_peak_mib"] = extra
-            row += f" {extra:.0f} |"
-        print(row, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            cells.append(f"{extra:.0f}")
+        _harness.print_row(*cells)
+    _harness.write_json(args.json, results)
     return results
 
 

@@ -20,11 +20,8 @@ measures the same stem inside a model whose definition exists only in PyTorch.
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import time
+
+import _harness
 
 # name: (input shape (N, H, W, C), kernel shape (kh, kw, C, M), strides, padding)
 CASES = {
@@ -87,52 +84,21 @@ def run(step, args):
 
 def time_case(case, repeats, jit_compile):
     runs = {v: make(case, v, jit_compile) for v in ("plain", "tract")}
-    best = {v: float("inf") for v in runs}
-    for v in runs:
-        run(*runs[v])  # trace, compile and warm up
-    for _ in range(repeats):
-        for v, args in runs.items():
-            start = time.perf_counter()
-            run(*args)
-            best[v] = min(best[v], time.perf_counter() - start)
-    return best
+    return _harness.best_times(runs, repeats, run)
 
 
-def _peak_growth_in_child(case, variant, threads, jit_compile):
-    """Peak RSS during one forward+backward minus RSS before it, in MiB (Linux)."""
+def peak_growth_in_child(case, variant, threads, jit_compile):
+    """Peak RSS growth of one warm step in MiB; see _harness.peak_growth_mib."""
     set_threads(threads)
     step, args = make(case, variant, jit_compile)
     run(step, args)  # traced, compiled, buffers allocated once, as in training
-
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = status("VmRSS:")
-    run(step, args)
-    return (status("VmHWM:") - before) / 1024
-
-
-def peak_rss_growth(case, variant, threads, jit_compile):
-    """Run :func:`_peak_growth_in_child` in a fresh process."""
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import bench_tf as b; "
-            f"print(b._peak_growth_in_child({case!r}, {variant!r}, {threads}, {jit_compile}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return _harness.peak_growth_mib(lambda: run(step, args))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="*", default=list(GOALS))
+    parser = _harness.parser(__doc__.splitlines()[0], GOALS)
     parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="XLA-compile the steps (default: yes)")
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
-    parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import tensorflow as tf
@@ -140,25 +106,20 @@ def main(argv=None):
     mode = "XLA" if args.jit_compile else "graph"
     print(f"tensorflow {tf.__version__} ({mode}), {args.threads} threads, "
           f"min of {args.repeats} runs")
-    memory_column = " extra peak MiB |" if args.memory else ""
-    print("| case | plain ms | TrAct ms | ratio | goal |" + memory_column)
-    print("|---|---|---|---|---|" + ("---|" if args.memory else ""))
+    _harness.print_header(*_harness.TIMING_COLUMNS, *["extra peak MiB"] * args.memory)
     results = {}
     for case in args.cases:
         best = time_case(case, args.repeats, args.jit_compile)
-        ratio = best["tract"] / best["plain"]
-        row = (f"| {case} | {best['plain'] * 1e3:.1f} | {best['tract'] * 1e3:.1f} | "
-               f"{ratio:.2f}x | <= {GOALS[case]}x |")
-        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"], "ratio": ratio}
+        cells, results[case] = _harness.timing_cells(case, best, GOALS)
         if args.memory:
-            extra = (peak_rss_growth(case, "tract", args.threads, args.jit_compile)
-                     - peak_rss_growth(case, "plain", args.threads, args.jit_compile))
+            growth = {v: _harness.in_fresh_process("bench_tf", "peak_growth_in_child", case, v,
+                                                   args.threads, args.jit_compile)
+                      for v in ("plain", "tract")}
+            extra = growth["tract"] - growth["plain"]
             results[case]["extra_peak_mib"] = extra
-            row += f" {extra:.0f} |"
-        print(row, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            cells.append(f"{extra:.0f}")
+        _harness.print_row(*cells)
+    _harness.write_json(args.json, results)
     return results
 
 

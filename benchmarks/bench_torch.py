@@ -11,13 +11,10 @@ over one warm forward+backward, each variant in a fresh subprocess; the table sh
 variant's growth minus the plain layer's.
 """
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import _harness
 import torch
 from torch import nn
 
@@ -125,79 +122,44 @@ def step(layer, x, grad_z):
 
 
 def time_case(case, repeats):
-    runs = {v: make(case, v) for v in VARIANTS}
-    best = {v: float("inf") for v in runs}
-    for v in runs:
-        step(*runs[v])  # warm-up
-    for _ in range(repeats):
-        for v, args in runs.items():
-            start = time.perf_counter()
-            step(*args)
-            best[v] = min(best[v], time.perf_counter() - start)
-    return best
+    return _harness.best_times({v: make(case, v) for v in VARIANTS}, repeats, step)
 
 
-def _peak_growth_in_child(case, variant, threads):
-    """Peak RSS during one forward+backward minus RSS before it, in MiB (Linux)."""
+def peak_growth_in_child(case, variant, threads):
+    """Peak RSS growth of one warm forward+backward in MiB; see _harness.peak_growth_mib."""
     torch.set_num_threads(threads)
     layer, x, grad_z = make(case, variant)
     step(layer, x, grad_z)  # allocator and kernels warm, as in training
     for p in layer.parameters():
         p.grad = None
-
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = status("VmRSS:")
-    step(layer, x, grad_z)
-    return (status("VmHWM:") - before) / 1024
-
-
-def peak_rss_growth(case, variant):
-    """Run :func:`_peak_growth_in_child` in a fresh process."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import bench_torch as b; "
-            f"print(b._peak_growth_in_child({case!r}, {variant!r}, {torch.get_num_threads()}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return _harness.peak_growth_mib(lambda: step(layer, x, grad_z))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="*", default=list(GOALS))
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
-    parser.add_argument("--json", help="write the results here too")
+    parser = _harness.parser(__doc__.splitlines()[0], GOALS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, min of {args.repeats} runs")
-    header = "| case | plain ms | TrAct ms | TrAct/plain | goal | unfold baseline/plain |"
+    columns = [*_harness.TIMING_COLUMNS, "unfold baseline/plain"]
     if args.memory:
-        header += " TrAct extra peak MiB | baseline extra peak MiB |"
-    print(header)
-    print("|---" * header.count(" | ") + "|---|")
+        columns += ["TrAct extra peak MiB", "baseline extra peak MiB"]
+    _harness.print_header(*columns)
     results = {}
     for case in args.cases:
         best = time_case(case, args.repeats)
-        ratio, baseline = best["tract"] / best["plain"], best["unfold"] / best["plain"]
-        row = (f"| {case} | {best['plain'] * 1e3:.1f} | {best['tract'] * 1e3:.1f} | "
-               f"{ratio:.2f}x | <= {GOALS[case]}x | {baseline:.2f}x |")
-        results[case] = {"plain_s": best["plain"], "tract_s": best["tract"],
-                         "unfold_s": best["unfold"], "ratio": ratio, "unfold_ratio": baseline}
+        cells, results[case] = _harness.timing_cells(case, best, GOALS)
+        baseline = best["unfold"] / best["plain"]
+        cells.append(f"{baseline:.2f}x")
+        results[case].update(unfold_s=best["unfold"], unfold_ratio=baseline)
         if args.memory:
-            plain = peak_rss_growth(case, "plain")
-            extra = {v: peak_rss_growth(case, v) - plain for v in ("tract", "unfold")}
+            growth = {v: _harness.in_fresh_process("bench_torch", "peak_growth_in_child", case,
+                                                   v, args.threads) for v in VARIANTS}
+            extra = {v: growth[v] - growth["plain"] for v in ("tract", "unfold")}
             results[case].update(extra_peak_mib=extra["tract"],
                                  unfold_extra_peak_mib=extra["unfold"])
-            row += f" {extra['tract']:.0f} | {extra['unfold']:.0f} |"
-        print(row, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            cells += [f"{extra['tract']:.0f}", f"{extra['unfold']:.0f}"]
+        _harness.print_row(*cells)
+    _harness.write_json(args.json, results)
     return results
 
 

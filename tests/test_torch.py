@@ -293,12 +293,13 @@ def test_tract_layers_can_be_built_directly():
     assert layer.weight.grad.shape == (4, 3, 3, 3)
 
 
-def test_benchmark_baseline_computes_the_same_gradient_as_tract():
+def test_benchmark_baseline_computes_the_same_gradient_as_tract(monkeypatch):
     """bench_torch.py compares against the unfold + inverse algorithm: same numbers, in fp64."""
     import importlib.util
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_torch.py"
-    spec = importlib.util.spec_from_file_location("bench_torch", path)
+    benchmarks = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # for its _harness
+    spec = importlib.util.spec_from_file_location("bench_torch", benchmarks / "bench_torch.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import pytest
 from conftest import CONV_CASES, LINEAR_CASES, assert_close, case_id, to_numpy
 
 import tract_core as tc
+from tract_core import _core
 
 NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -218,8 +219,12 @@ def test_conv_moments_are_the_products_of_the_patches(xp, case):
     assert_close(grad_bias, case.grad_z.sum(axis=(0, *range(2, case.grad_z.ndim))), 1e-13)
 
 
-def test_conv_moments_on_random_geometries():
-    """Both layouts of the patch matrix and both ways of forming G^T X."""
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one_chunk", "image_by_image"])
+def test_conv_moments_on_random_geometries(chunk, monkeypatch):
+    """Both layouts of the patch matrix, both ways of forming G^T X, and overlapping
+    patches taken in one chunk or image by image."""
+    if chunk is not None:
+        monkeypatch.setattr(_core, "_PATCH_CHUNK", chunk)
     rng = np.random.default_rng(8)
     for x, kernel, stride, dilation, groups in random_geometries(60, seed=9):
         patches = tc.conv_patches(x, kernel, stride, dilation, groups)

@@ -157,6 +157,22 @@ def test_float32_close_to_fixture(case):
     assert_close(grad_w_t, case.grad_weight, 2e-4, "grad_weight")
 
 
+@pytest.mark.parametrize("path, mode", [("filter_gradient", mode) for mode in MODES]
+                         + [("explicit_image_by_image", "xla")])
+@pytest.mark.parametrize("case", [c for c in TF_CASES if c.kind != "linear"], ids=case_id)
+def test_each_conv_path_matches_fixture(case, path, mode, monkeypatch):
+    """The fixtures' convs mostly have patches of few entries (explicit patches, one
+    chunk); here they take TF's filter-gradient op with conv_gram, or explicit patches
+    one image per chunk."""
+    if path == "filter_gradient":
+        monkeypatch.setattr(ttf, "_FEW_PATCH_ENTRIES", 0)
+    else:
+        monkeypatch.setattr(ttf, "_PATCH_CHUNK", 1)
+    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
+    z, grad_x, grad_kernel, *_ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)
+    assert_close(from_tf(case, z, grad_x, grad_kernel)[2], case.grad_weight, 1e-8)
+
+
 @pytest.mark.parametrize("name", ["linear_tokens", "conv2d_cifar_stem", "conv3d_stride_groups",
                                   "conv2d_b_lt_n_pixels"])
 def test_bfloat16_runs_and_is_close(name):
@@ -333,6 +349,7 @@ def test_gram_before_filter_gradient_keeps_results(mode, monkeypatch):
     """Large inputs order the Gram before TF's filter gradient (to bound memory): same
     gradient, and NaN still flows."""
     monkeypatch.setattr(ttf, "_ORDERED_SIZE", 0)
+    monkeypatch.setattr(ttf, "_FEW_PATCH_ENTRIES", 0)  # the filter-gradient path
     case = next(c for c in TF_CASES if c.name == "conv2d_stride2_pixels")
     x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
     z, grad_x, grad_kernel, _ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import CASES, assert_close, case_id, need
+from conftest import CASES, CONV_CASES, assert_close, case_id, need
 
 import tract_core
 
@@ -35,14 +35,19 @@ def plain_layer(case, dtype=torch.float64):
     return layer
 
 
-def _patch_matrix_path(case):
-    """Whether the wrapped conv takes the disjoint-patch (ViT) path: b >= n, no overlap."""
+def _explicit_patch_path(case, few_entries=None):
+    """Whether the wrapped conv takes conv_moments' explicit patches (b >= n): disjoint
+    patches (ViT), or on CPU patches of at most ``few_entries`` entries per group."""
+    few_entries = tt._FEW_PATCH_ENTRIES if few_entries is None else few_entries
     return (case.kind != "linear" and case.rows >= case.row_width
-            and tract_core.disjoint_patches(case.kernel, case.stride, case.dilation))
+            and (tract_core.disjoint_patches(case.kernel, case.stride, case.dilation)
+                 or case.row_width <= few_entries))
 
 
-def test_the_fixtures_exercise_the_disjoint_patch_path():
-    assert sum(map(_patch_matrix_path, CASES)) >= 3
+def test_the_fixtures_exercise_every_conv_path():
+    disjoint = sum(_explicit_patch_path(case, few_entries=0) for case in CASES)
+    explicit = sum(map(_explicit_patch_path, CASES))
+    assert disjoint >= 3 and explicit - disjoint >= 6
 
 
 def run(layer, case, dtype=torch.float64):
@@ -74,14 +79,34 @@ def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case):
     z, grad_x = run(wrapped, case, torch.float32)
     assert torch.equal(z, z_plain)
     assert torch.equal(grad_x, grad_x_plain)
-    if case.has_bias and _patch_matrix_path(case):
-        # Disjoint patches: the bias gradient is our own sum of grad_z, the plain layer's
+    if case.has_bias and _explicit_patch_path(case):
+        # Explicit patches: the bias gradient is our own sum of grad_z, the plain layer's
         # value up to float32 summation order.
         assert_close(wrapped.bias.grad, bias_grad_plain, 1e-6, "grad_bias")
     elif case.has_bias:
         assert torch.equal(wrapped.bias.grad, bias_grad_plain)
     assert wrapped.weight.grad.dtype == torch.float32
     assert_close(wrapped.weight.grad, case.grad_weight, 2e-4, "grad_weight")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_kernel_path_matches_fixture(case, monkeypatch):
+    """Explicit patches off: overlapping patches take torch's conv backward kernel and the
+    structured Gram (as on GPU, or for patches of many entries); its bias gradient is the
+    plain layer's bit for bit."""
+    monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", 0)
+    layer = tt.wrap(plain_layer(case), lam=case.lam)
+    run(layer, case)
+    assert_close(layer.weight.grad, case.grad_weight, 1e-9, "grad_weight")
+    if not case.has_bias:
+        return
+    assert_close(layer.bias.grad, case.grad_bias, 1e-12, "grad_bias")
+    plain = plain_layer(case, torch.float32)
+    run(plain, case, torch.float32)
+    wrapped = tt.wrap(plain_layer(case, torch.float32), lam=case.lam)
+    run(wrapped, case, torch.float32)
+    if not _explicit_patch_path(case):
+        assert torch.equal(wrapped.bias.grad, plain.bias.grad)
 
 
 def test_official_example_numbers():

@@ -249,6 +249,14 @@ def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
         # Narrow kernels (CIFAR ViT-4): columns (C, *k | N, *L) copy faster.
         return xp.reshape(xp.permute_dims(tiles, (1, *offsets, 0, *positions)),
                           (groups, per_group, -1))
+    patches = _image_patches(xp, x, kernel_size, stride, dilation, groups, out)
+    patches = xp.permute_dims(patches, (1, 2, 0, 3))  # runs of L: (g, n_g, N, L)
+    return xp.reshape(patches, (groups, per_group, -1))
+
+
+def _image_patches(xp, x, kernel_size, stride, dilation, groups, out):
+    """Each image's patches as columns, (N, groups, n_g, L): one copy of the taps'
+    strided slices, in the order they are stacked."""
     taps = []
     for offsets in itertools.product(*(range(k) for k in kernel_size)):
         window = tuple(
@@ -257,20 +265,22 @@ def _patch_matrix(xp, x, kernel_size, stride, dilation, groups):
         )
         taps.append(x[(slice(None), slice(None), *window)])
     patches = xp.stack(taps, axis=2)  # (N, C, K, *out)
-    patches = xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
-    patches = xp.permute_dims(patches, (1, 2, 0, 3))  # runs of L: (g, n_g, N, L)
-    return xp.reshape(patches, (groups, per_group, -1))
+    return xp.reshape(patches, (-1, groups, x.shape[1] // groups * len(taps), math.prod(out)))
 
 
 def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
-    """The plain weight gradient ``G^T X`` and the Gram ``X^T X`` of a conv, from one
-    explicit patch matrix.
+    """The plain weight gradient ``G^T X`` and the Gram ``X^T X`` of a conv, from explicit
+    patches.
 
     The choice for disjoint patches (ViT patch embeddings), where X is the input
-    reordered, no larger: both products are then matmuls on one copy of x.
+    reordered, no larger: both products are then matmuls on one copy of x. For
+    overlapping patches the images go in chunks of about ``_PATCH_CHUNK`` patch entries,
+    each chunk's products summed per image: memory stays bounded, and where a patch has
+    few entries (stems: 3 channels) these matmuls beat a framework's conv
+    weight-gradient kernel on CPU.
 
     Args:
-        x: (N, C, *spatial) channels-first input, already padded.
+        x: (N, C, *spatial) channels-first input, already padded; N static.
         grad_z: (N, M, *out) the gradient of the layer's output.
         kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
 
@@ -280,11 +290,25 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     """
     xp = _namespace(x, grad_z, xp=xp)
     dtype = _compute_dtype(xp, x.dtype)
-    matrix = _patch_matrix(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
-                           dilation, groups)  # X^T per group: (g, n_g, N * L)
-    g, n_g, m = matrix.shape[0], matrix.shape[1], grad_z.shape[1]
+    x = xp.astype(x, dtype, copy=False)
+    g, m = groups, grad_z.shape[1]
+    n_g = x.shape[1] // g * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])
     grads = xp.reshape(xp.astype(grad_z, dtype, copy=False), (-1, g, m // g, positions))
+    # Innermost axis first: one reduction over (0, 3) runs several times slower in torch.
+    grad_bias = xp.reshape(xp.sum(xp.sum(grads, axis=3), axis=0), (m,))
+    if not disjoint_patches(kernel_size, stride, dilation):
+        out = conv_output_shape(x.shape[2:], kernel_size, stride, dilation)
+        step = max(1, _PATCH_CHUNK // (g * n_g * positions))
+        grad_w = patch_gram = 0
+        for lo in range(0, x.shape[0], step):
+            patches = _image_patches(xp, x[lo:lo + step], kernel_size, stride, dilation, g,
+                                     out)  # (images, g, n_g, L)
+            # X^T G, not G^T X: the product with the patches on the left runs faster.
+            grad_w = grad_w + xp.sum(xp.matmul(patches, _mT(xp, grads[lo:lo + step])), axis=0)
+            patch_gram = patch_gram + xp.sum(xp.matmul(patches, _mT(xp, patches)), axis=0)
+        return _mT(xp, grad_w), patch_gram, grad_bias
+    matrix = _patch_matrix(xp, x, kernel_size, stride, dilation, groups)  # (g, n_g, N * L)
     if n_g <= positions and getattr(backend(xp), "prefers_batched_matmul", False):
         # G^T X = sum_n G_n^T X_n: per-image products, (N, M, n_g) no larger than G,
         # cost less than a transposed copy of G (in torch; XLA does better with one
@@ -295,9 +319,10 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     else:
         rows = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (g, m // g, -1))
         grad_w = xp.matmul(rows, _mT(xp, matrix))
-    # Innermost axis first: one reduction over (0, 3) runs several times slower in torch.
-    grad_bias = xp.sum(xp.sum(grads, axis=3), axis=0)
-    return grad_w, gram(_mT(xp, matrix), xp=xp), xp.reshape(grad_bias, (m,))
+    return grad_w, gram(_mT(xp, matrix), xp=xp), grad_bias
+
+
+_PATCH_CHUNK = 1 << 21  # patch entries of overlapping patches extracted at once (8 MiB)
 
 
 def _correlate_by_slices(xp, g, x, kernel_shape):

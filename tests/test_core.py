@@ -8,7 +8,7 @@ import pytest
 from conftest import CONV_CASES, LINEAR_CASES, assert_close, case_id, to_numpy
 
 import tract_core as tc
-from tract_core import _core
+from tract_core import _backends, _core
 
 NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -190,8 +190,14 @@ def random_geometries(count, seed):
         yield rng.standard_normal((2, 2 * groups, *spatial)), kernel, stride, dilation, groups
 
 
-def test_conv_gram_on_random_geometries():
-    """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups."""
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one_chunk", "smallest_chunks"])
+@pytest.mark.parametrize("frame", ["gathered", "by_slices"])
+def test_conv_gram_on_random_geometries(frame, chunk, monkeypatch):
+    """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups; the
+    frame gathered (XLA's way) or from slices (torch's), in one chunk or the smallest."""
+    monkeypatch.setattr(_backends._Generic, "frame_by_slices", frame == "by_slices")
+    if chunk is not None:
+        monkeypatch.setattr(_core, "_FRAME_CHUNK", chunk)
     for x, kernel, stride, dilation, groups in random_geometries(150, seed=6):
         patches = tc.conv_patches(x, kernel, stride, dilation, groups)
         expected = np.swapaxes(patches, -1, -2) @ patches

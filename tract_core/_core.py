@@ -370,6 +370,7 @@ class _GramPlan:
     row_keyed: np.ndarray  # (n, n) bool: frame term of (r1, r2) keyed on r1's tap
     frame_index: np.ndarray  # (F, n) flat index into one image, for each frame position
     frame_mask: np.ndarray  # (F, n) 1 where that tap reads outside the common window
+    frame_boxes: tuple  # ((lo, hi) per axis, its positions' frame_mask transposed (n, P))
 
 
 _PLANS = {}  # a plain memo (torch.compile traces dicts, but warns on lru_cache)
@@ -427,8 +428,12 @@ def _make_gram_plan(channels, spatial, kernel_size, stride, dilation):
     frame_index = (np.arange(channels)[None, :, None] * image + flat[:, None, :])
     frame_index = frame_index.reshape(len(positions), -1)
     frame_mask = np.tile(mask, (1, channels))
+    frame_mask = frame_mask.astype(np.float64)
+    ends = np.cumsum([math.prod(hi - lo for lo, hi in box) for box in _frame_boxes(out, reach)])
+    frame_boxes = tuple((box, np.ascontiguousarray(part.T)) for box, part in zip(
+        _frame_boxes(out, reach), np.split(frame_mask, ends[:-1])))
     return _GramPlan(out, reach, span, phases, _small_index(pair_index), row_keyed,
-                     _small_index(frame_index), frame_mask.astype(np.float64))
+                     _small_index(frame_index), frame_mask, frame_boxes)
 
 
 def _small_index(index):
@@ -486,6 +491,11 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     index = _constant(xp, (geometry, "pairs"), plan.pair_index.reshape(-1), None, device)
     result = xp.reshape(xp.take(xp.reshape(correlations, (-1,)), index, axis=0),
                         plan.pair_index.shape)
+    if getattr(backend(xp), "frame_by_slices", False):
+        frame = _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation)
+        keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
+        result = result + xp.where(keyed, frame, _mT(xp, frame))
+        return ((result + _mT(xp, result)) / 2)[None, ...]
     # The frame, in chunks of positions to bound memory: sum_p mask[p, r1] X[p, r1] X[p, r2].
     n_cols = plan.frame_index.shape[1]
     frame = xp.zeros(result.shape, dtype=x.dtype, device=device)
@@ -503,6 +513,35 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     result = result + xp.where(keyed, frame, _mT(xp, frame))
     result = (result + _mT(xp, result)) / 2
     return result[None, ...]
+
+
+def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation):
+    """:func:`conv_gram`'s frame term from static slices of x instead of a gather: per box
+    of frame positions, in chunks of images, the patches of the crop it reads, stacked
+    one axis at a time (k0 + k1 + ... slices, not k0 k1 ...)."""
+    n_cols = plan.frame_mask.shape[1]
+    device = array_api_compat.device(x)
+    frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
+    channels_first = xp.permute_dims(x, (1, 0, *range(2, x.ndim)))  # (C, N, *spatial)
+    for number, (box, mask) in enumerate(plan.frame_boxes):
+        n_positions = mask.shape[1]
+        mask = _constant(xp, (geometry, number, "box"), mask[:, None, :], x.dtype, device)
+        step = max(1, _FRAME_CHUNK // (n_cols * n_positions))
+        for lo in range(0, x.shape[0], step):
+            patches = channels_first[(slice(None), slice(lo, lo + step), *(
+                slice(a * s, (b - 1) * s + (k - 1) * d + 1)
+                for (a, b), k, s, d in zip(box, kernel_size, stride, dilation)))]
+            for axis, ((a, b), k, s, d) in enumerate(zip(box, kernel_size, stride, dilation)):
+                # (C, k0, .., k_axis-1, images, b0, .., b_axis-1, crop_axis, ...): put this
+                # axis's taps after the earlier ones, its positions in its place.
+                taps = [patches[(slice(None),) * (2 + 2 * axis)
+                                + (slice(t * d, (b - a - 1) * s + t * d + 1, s),)]
+                        for t in range(k)]
+                patches = xp.stack(taps, axis=1 + axis)
+            patches = xp.reshape(patches, (n_cols, -1, n_positions))
+            masked = xp.reshape(patches * mask, (n_cols, -1))
+            frame = frame + xp.matmul(masked, _mT(xp, xp.reshape(patches, (n_cols, -1))))
+    return frame
 
 
 def _phase_stack(xp, x, plan, stride):

@@ -451,9 +451,9 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     every window common to all taps, [E, L) with E the largest offset, is one
     correlation per shift for all entries at once (``correlate``, a framework's conv
     weight-gradient kernel; by symmetry only shifts >= 0 on the first axis); the rest
-    lies on a frame of output positions at most E wide, whose patches are gathered and
-    added with a mask. Disjoint patches (ViT, E = 0) are a reshape and one symmetric
-    matmul.
+    lies on a frame of output positions at most E wide, whose patches are copied (a
+    gather, or static slices where the backend prefers them) and added with a mask.
+    Disjoint patches (ViT, E = 0) are a reshape and one symmetric matmul.
 
     Args:
         x: (N, C, *spatial) channels-first, already padded.

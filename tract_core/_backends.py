@@ -47,6 +47,7 @@ class _Torch(_Generic):
     # 7x7/2 ImageNet stem 24-27 ms vs 31-34, 3x3 CIFAR stem 2.8 vs 2.8-4.1 (XLA runs the
     # gather faster: JAX 7x7/2 Gram 132 ms vs 158 with slices).
     frame_by_slices = True
+
     def __init__(self, xp):
         import torch
 

@@ -414,9 +414,9 @@ def _make_gram_plan(channels, spatial, kernel_size, stride, dilation):
     for axis in range(1, len(out)):
         pair_index = pair_index * (2 * reach[axis] + 1) + shift[..., axis] + reach[axis]
     # The frame: output positions some of whose taps read outside the common window.
+    boxes = _frame_boxes(out, reach)
     positions = [np.stack([g.reshape(-1) for g in np.meshgrid(
-        *(np.arange(lo, hi) for lo, hi in box), indexing="ij")], axis=1)
-        for box in _frame_boxes(out, reach)]
+        *(np.arange(lo, hi) for lo, hi in box), indexing="ij")], axis=1) for box in boxes]
     positions = np.concatenate(positions) if positions else np.zeros((0, len(out)), int)
     q = positions[:, None, :] + tap_offset[None, :, :]  # (F, taps, d) in phase coordinates
     mask = ((q < np.asarray(reach)) | (q >= np.asarray(out))).any(axis=-1)
@@ -427,11 +427,10 @@ def _make_gram_plan(channels, spatial, kernel_size, stride, dilation):
     image = math.prod(spatial)
     frame_index = (np.arange(channels)[None, :, None] * image + flat[:, None, :])
     frame_index = frame_index.reshape(len(positions), -1)
-    frame_mask = np.tile(mask, (1, channels))
-    frame_mask = frame_mask.astype(np.float64)
-    ends = np.cumsum([math.prod(hi - lo for lo, hi in box) for box in _frame_boxes(out, reach)])
-    frame_boxes = tuple((box, np.ascontiguousarray(part.T)) for box, part in zip(
-        _frame_boxes(out, reach), np.split(frame_mask, ends[:-1])))
+    frame_mask = np.tile(mask, (1, channels)).astype(np.float64)
+    ends = np.cumsum([math.prod(hi - lo for lo, hi in box) for box in boxes])
+    frame_boxes = tuple((box, np.ascontiguousarray(part.T))
+                        for box, part in zip(boxes, np.split(frame_mask, ends[:-1])))
     return _GramPlan(out, reach, span, phases, _small_index(pair_index), row_keyed,
                      _small_index(frame_index), frame_mask, frame_boxes)
 
@@ -472,7 +471,7 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
         return xp.concat([conv_gram(x[:, i * size:(i + 1) * size], kernel_size, stride,
                                     dilation, 1, correlate=correlate, xp=xp)
                           for i in range(groups)], axis=0)
-    n_batch, channels, *spatial = x.shape
+    _, channels, *spatial = x.shape
     kernel_size, stride, dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
     out = conv_output_shape(spatial, kernel_size, stride, dilation)
     reach = [max(e for _, e in axis) for axis in _tap_phases(kernel_size, stride, dilation)]
@@ -493,12 +492,20 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
                         plan.pair_index.shape)
     if getattr(backend(xp), "frame_by_slices", False):
         frame = _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation)
-        keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
-        result = result + xp.where(keyed, frame, _mT(xp, frame))
-        return ((result + _mT(xp, result)) / 2)[None, ...]
-    # The frame, in chunks of positions to bound memory: sum_p mask[p, r1] X[p, r1] X[p, r2].
-    n_cols = plan.frame_index.shape[1]
-    frame = xp.zeros(result.shape, dtype=x.dtype, device=device)
+    else:
+        frame = _frame_by_gather(xp, x, plan, geometry)
+    keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
+    result = result + xp.where(keyed, frame, _mT(xp, frame))
+    result = (result + _mT(xp, result)) / 2
+    return result[None, ...]
+
+
+def _frame_by_gather(xp, x, plan, geometry):
+    """:func:`conv_gram`'s frame term, sum_p mask[p, r1] X[p, r1] X[p, r2] over the frame
+    positions p, their patches gathered in chunks of positions to bound memory."""
+    n_batch, n_cols = x.shape[0], plan.frame_index.shape[1]
+    device = array_api_compat.device(x)
+    frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
     flat = xp.reshape(x, (n_batch, -1))
     step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
     for lo in range(0, plan.frame_index.shape[0], step):
@@ -509,14 +516,11 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
         mask = _constant(xp, (chunk, "mask"), plan.frame_mask[lo:lo + step], x.dtype, device)
         frame = frame + xp.matmul(_mT(xp, xp.reshape(rows * mask, (-1, n_cols))),
                                   xp.reshape(rows, (-1, n_cols)))
-    keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
-    result = result + xp.where(keyed, frame, _mT(xp, frame))
-    result = (result + _mT(xp, result)) / 2
-    return result[None, ...]
+    return frame
 
 
 def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation):
-    """:func:`conv_gram`'s frame term from static slices of x instead of a gather: per box
+    """:func:`_frame_by_gather`'s sum from static slices of x instead of a gather: per box
     of frame positions, in chunks of images, the patches of the crop it reads, stacked
     one axis at a time (k0 + k1 + ... slices, not k0 k1 ...)."""
     n_cols = plan.frame_mask.shape[1]

@@ -612,37 +612,54 @@ _PATCH_CHUNK = 1 << 22
 
 
 def _explicit_statistics(x, grad_z, window, geometry, pads):
-    """(G^T X (g, m_g, n_g), X^T X (g, n_g, n_g)) of a conv from explicit channels-last
-    patches of x (N, *spatial, C), any N, in chunks of about _PATCH_CHUNK entries.
+    """(G^T X (g, m_g, n_g), X^T X (g, n_g, n_g)) of a conv from explicit patches of x
+    (N, *spatial, C), any N, in chunks of about _PATCH_CHUNK entries.
 
     For stems (few channels) two 2-D matmuls on the patches beat TF's filter-gradient
     kernel, and give the Gram as well.
     """
-    g = geometry.groups
+    g, d = geometry.groups, len(window)
     x = tf.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
     out = _tc.conv_output_shape(x.shape[1:-1], window, geometry.strides, geometry.dilation)
     taps, c_g, m = math.prod(window), x.shape[-1] // g, grad_z.shape[-1]
+    n_all = taps * x.shape[-1]
+    tap_slices = [tuple(slice(t * dl, t * dl + s * (o - 1) + 1, s)
+                        for t, dl, s, o in zip(offsets, geometry.dilation, geometry.strides, out))
+                  for offsets in itertools.product(*(range(k) for k in window))]
 
-    def statistics(x, grad_z):  # X^T G (g, n_g, m_g) and X^T X, columns (tap, channel)
-        patches = tf.stack([x[(slice(None), *(
-            slice(t * dl, t * dl + s * (o - 1) + 1, s)
-            for t, dl, s, o in zip(offsets, geometry.dilation, geometry.strides, out)))]
-            for offsets in itertools.product(*(range(k) for k in window))], axis=-2)
-        rows = tf.reshape(patches, (-1, taps, g, c_g))  # (N * L, taps, g, c_g)
-        grads = tf.reshape(grad_z, (-1, g, m // g))
+    # Overlapping patches of one group: channel-major patches (n, N * L). Measured, 3x3
+    # stem, both products: 24.3-25.6 ms against 26.9-28.0 from channels-last rows
+    # (N * L, n), under XLA and outside it; for disjoint ones (ViT-4) rows measured
+    # 0.6 ms faster.
+    channel_major = g == 1 and not _tc.disjoint_patches(window, geometry.strides,
+                                                         geometry.dilation)
+
+    def statistics(x, grad_z):
+        """X^T G (g, n_g, m_g) and X^T X, columns (channel, tap) if channel_major, else
+        (tap, channel)."""
+        if channel_major:
+            channels_first = tf.transpose(x, (d + 1, 0, *range(1, d + 1)))  # (C, N, ...)
+            columns = tf.reshape(tf.stack([channels_first[(slice(None), slice(None), *taps)]
+                                           for taps in tap_slices], axis=1), (n_all, -1))
+            return (tf.linalg.matmul(columns, tf.reshape(grad_z, (-1, m)))[None],
+                    tf.linalg.matmul(columns, columns, transpose_b=True)[None])
+        patches = tf.stack([x[(slice(None), *taps)] for taps in tap_slices], axis=-2)
+        rows = tf.reshape(patches, (-1, len(tap_slices), g, c_g))  # (N * L, taps, g, c_g)
         if g == 1:  # 2-D products: XLA runs dots with batch axes slowly (see matmul)
-            rows, grads = tf.reshape(rows, (-1, taps * c_g)), tf.reshape(grads, (-1, m))
+            rows, grads = tf.reshape(rows, (-1, n_all)), tf.reshape(grad_z, (-1, m))
             return (tf.linalg.matmul(rows, grads, transpose_a=True)[None],
                     tf.linalg.matmul(rows, rows, transpose_a=True)[None])
-        rows = tf.reshape(tf.transpose(rows, (2, 0, 1, 3)), (g, -1, taps * c_g))
-        grads = tf.transpose(grads, (1, 0, 2))
+        rows = tf.reshape(tf.transpose(rows, (2, 0, 1, 3)), (g, -1, n_all // g))
+        grads = tf.transpose(tf.reshape(grad_z, (-1, g, m // g)), (1, 0, 2))
         return (tf.linalg.matmul(rows, grads, transpose_a=True),
                 tf.linalg.matmul(rows, rows, transpose_a=True))
 
-    images = max(1, _PATCH_CHUNK // (math.prod(out) * taps * x.shape[-1]))
+    images = max(1, _PATCH_CHUNK // (math.prod(out) * n_all))
     plain, gram = _sum_over_chunks(statistics, (x, grad_z), images)
     # X^T G, transposed here: a transposed copy of G would cost more.
     plain = tf.linalg.matrix_transpose(plain)
+    if channel_major:
+        return plain, gram
     return _channel_major(plain, taps, c_g), _channel_major(gram, taps, c_g, both=True)
 
 

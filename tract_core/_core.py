@@ -293,13 +293,17 @@ def _tap_major_patches(xp, x, kernel_size, stride, dilation, groups, out):
     return xp.reshape(patches, (n_batch, groups, patches.shape[2], math.prod(out)))
 
 
-def _channel_major(xp, a, taps, axis):
-    """Reorder axis ``axis`` of ``a`` from (tap, channel) to (channel, tap)."""
-    shape = a.shape
-    split = xp.reshape(a, (*shape[:axis], taps, shape[axis] // taps, *shape[axis + 1:]))
-    order = list(range(split.ndim))
-    order[axis], order[axis + 1] = axis + 1, axis
-    return xp.reshape(xp.permute_dims(split, tuple(order)), shape)
+def channel_major(a, taps, axes, *, xp=None):
+    """``a`` with each axis in ``axes`` (non-negative) reordered from (tap, channel)
+    entries, the order of tap-major patches, to (channel, tap), a conv weight's order."""
+    xp = _namespace(a, xp=xp)
+    for axis in axes:
+        shape = tuple(a.shape)
+        split = xp.reshape(a, (*shape[:axis], taps, shape[axis] // taps, *shape[axis + 1:]))
+        order = list(range(len(shape) + 1))
+        order[axis], order[axis + 1] = axis + 1, axis
+        a = xp.reshape(xp.permute_dims(split, tuple(order)), shape)
+    return a
 
 
 def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
@@ -342,9 +346,8 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
             # With the ones row: an n_g + 1 wide Gram measured faster than n_g wide (27).
             gram_ones = gram_ones + xp.sum(xp.matmul(patches, _mT(xp, patches)), axis=0)
         taps = math.prod(kernel_size)
-        grad_w = _channel_major(xp, _mT(xp, moment[:, :n_g, :]), taps, 2)
-        patch_gram = _channel_major(xp, _channel_major(xp, gram_ones[:, :n_g, :n_g], taps, 1),
-                                    taps, 2)
+        grad_w = channel_major(_mT(xp, moment[:, :n_g, :]), taps, (2,), xp=xp)
+        patch_gram = channel_major(gram_ones[:, :n_g, :n_g], taps, (1, 2), xp=xp)
         return grad_w, patch_gram, xp.reshape(moment[:, n_g, :], (m,))
     # Innermost axis first: one reduction over (0, 3) runs several times slower in torch.
     grad_bias = xp.reshape(xp.sum(xp.sum(grads, axis=3), axis=0), (m,))

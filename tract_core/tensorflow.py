@@ -38,6 +38,7 @@ import tensorflow as tf
 
 import tract_core as _tc
 from tract_core._args import check_bias_shape, conv_padding, fft_size, is_int, per_axis
+from tract_core._core import channel_major
 
 try:  # TF's own test for tracing under jit_compile (internal, long-lived; see its use)
     from tensorflow.python.ops.control_flow_util import (
@@ -586,18 +587,7 @@ def _disjoint_gram(x, window, geometry, pads):
     rows = tf.reshape(tf.transpose(x, order), (-1, taps, g, c_g))
     rows = (tf.reshape(rows, (1, -1, taps * c_g)) if g == 1
             else tf.reshape(tf.transpose(rows, (2, 0, 1, 3)), (g, -1, taps * c_g)))
-    return _channel_major(_tc.gram(rows, xp=_TF), taps, c_g, both=True)
-
-
-def _channel_major(product, taps, c_g, both=False):
-    """(g, r, taps * c_g) columns (tap, channel), as channels-last patches come, put in
-    the core's (channel, tap) order; ``both``: the rows of a Gram (g, n_g, n_g) too."""
-    g, n_g = product.shape[0], taps * c_g
-    if both:
-        gram = tf.reshape(product, (g, taps, c_g, taps, c_g))
-        return tf.reshape(tf.transpose(gram, (0, 2, 1, 4, 3)), (g, n_g, n_g))
-    columns = tf.reshape(product, (g, -1, taps, c_g))
-    return tf.reshape(tf.transpose(columns, (0, 1, 3, 2)), (g, -1, n_g))
+    return channel_major(_tc.gram(rows, xp=_TF), taps, (1, 2), xp=_TF)
 
 
 # Patches of at most this many entries per group (C/g * prod(window)) take
@@ -631,13 +621,13 @@ def _explicit_statistics(x, grad_z, window, geometry, pads):
     # stem, both products: 24.3-25.6 ms against 26.9-28.0 from channels-last rows
     # (N * L, n), under XLA and outside it; for disjoint ones (ViT-4) rows measured
     # 0.6 ms faster.
-    channel_major = g == 1 and not _tc.disjoint_patches(window, geometry.strides,
-                                                         geometry.dilation)
+    by_channel = g == 1 and not _tc.disjoint_patches(window, geometry.strides,
+                                                      geometry.dilation)
 
     def statistics(x, grad_z):
-        """X^T G (g, n_g, m_g) and X^T X, columns (channel, tap) if channel_major, else
+        """X^T G (g, n_g, m_g) and X^T X, columns (channel, tap) if by_channel, else
         (tap, channel)."""
-        if channel_major:
+        if by_channel:
             channels_first = tf.transpose(x, (d + 1, 0, *range(1, d + 1)))  # (C, N, ...)
             columns = tf.reshape(tf.stack([channels_first[(slice(None), slice(None), *taps)]
                                            for taps in tap_slices], axis=1), (n_all, -1))
@@ -658,9 +648,10 @@ def _explicit_statistics(x, grad_z, window, geometry, pads):
     plain, gram = _sum_over_chunks(statistics, (x, grad_z), images)
     # X^T G, transposed here: a transposed copy of G would cost more.
     plain = tf.linalg.matrix_transpose(plain)
-    if channel_major:
+    if by_channel:
         return plain, gram
-    return _channel_major(plain, taps, c_g), _channel_major(gram, taps, c_g, both=True)
+    return (channel_major(plain, taps, (2,), xp=_TF),
+            channel_major(gram, taps, (1, 2), xp=_TF))
 
 
 def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):

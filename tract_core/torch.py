@@ -72,6 +72,8 @@ def _precondition(plain, gram, rows, options):
     """
     count = rows
     if _syncing(options):
+        # all_reduce works in place on dense storage: the Gram may be a strided view.
+        gram = gram.contiguous()
         count = torch.full((), rows, dtype=gram.dtype, device=gram.device)  # no host copy
         torch.distributed.all_reduce(gram, group=options.group)
         torch.distributed.all_reduce(count, group=options.group)

@@ -338,6 +338,32 @@ def test_benchmark_baseline_computes_the_same_gradient_as_tract(monkeypatch):
     torch.testing.assert_close(grads["unfold"], grads["tract"], rtol=1e-10, atol=0)
 
 
+def test_forward_and_backward_read_nothing_back_to_the_host(monkeypatch):
+    """No tensor value reaches Python during a step (on a GPU, .item(), bool(), float(),
+    .tolist() or .numpy() each wait for the device): every conv path, the push-through
+    form, a grouped conv and the linear layer, NaN data included."""
+    torch.manual_seed(0)
+    cases = [(tt.wrap(nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 12, 12)),
+             (tt.wrap(nn.Conv2d(3, 4, 7, stride=2, padding=3)), torch.randn(2, 3, 16, 16)),
+             (tt.wrap(nn.Conv2d(4, 4, 3, padding="same", groups=2, padding_mode="reflect")),
+              torch.randn(2, 4, 12, 12)),
+             (tt.wrap(nn.Conv2d(3, 4, 4, stride=4)), torch.randn(2, 3, 12, 12)),
+             (tt.wrap(nn.Conv2d(3, 4, 5)), torch.randn(1, 3, 6, 6)),  # b = 4 < n = 75
+             (tt.wrap(nn.Linear(6, 4)), torch.randn(9, 6)),
+             (tt.wrap(nn.Linear(6, 4)), torch.full((9, 6), float("nan")))]
+    read = []
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            read.append(_n) or _f(self, *a, **k))
+    for layer, x in cases:
+        layer(x).square().sum().backward()
+    monkeypatch.undo()
+    assert read == []
+    assert all(layer.weight.grad is not None for layer, _ in cases)
+    assert torch.isnan(cases[-1][0].weight.grad).all()
+
+
 def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch):
     """Index constants are made once per device: later backwards create no tensor from host
     data (on a GPU each such copy would synchronize with the device)."""

@@ -297,11 +297,15 @@ def test_functional_conv_equals_module():
         tt.conv(x, weight, stride=(1, 2))
 
 
-def test_torch_compile_fullgraph_gives_eager_gradients():
+@pytest.mark.parametrize("kernel, images, size", [(3, 16, 8), (7, 4, 16)],
+                         ids=["patches", "structured_gram"])
+def test_torch_compile_fullgraph_gives_eager_gradients(kernel, images, size):
+    """A 3x3 stem (explicit patches on CPU) and a 7x7/2 one (the structured Gram: phase
+    stack, shift correlations, frame strips and corners)."""
     torch.manual_seed(0)
-    model = nn.Sequential(tt.wrap(nn.Conv2d(3, 8, 3, padding=1, stride=2)), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
-    x = torch.randn(16, 3, 8, 8)
+    model = nn.Sequential(tt.wrap(nn.Conv2d(3, 8, kernel, padding=kernel // 2, stride=2)),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * (size // 2) ** 2, 4))
+    x = torch.randn(images, 3, size, size)
     eager = grads_of(model, x)
     compiled = torch.compile(model, fullgraph=True)
     compiled.zero_grad(set_to_none=True)

@@ -192,11 +192,14 @@ def random_geometries(count, seed):
 
 
 @pytest.mark.parametrize("chunk", [None, 1], ids=["one_chunk", "smallest_chunks"])
-@pytest.mark.parametrize("frame", ["gathered", "by_slices"])
+@pytest.mark.parametrize("frame", ["gathered", "by_slices", "by_slices_masked"])
 def test_conv_gram_on_random_geometries(frame, chunk, monkeypatch):
     """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups; the
-    frame gathered (XLA's way) or from slices (torch's), in one chunk or the smallest."""
-    monkeypatch.setattr(_backends._Generic, "frame_by_slices", frame == "by_slices")
+    frame gathered (XLA's way) or from slices (torch's: strips on the rows reading
+    outside, as on CPU, or masked boxes, as on GPUs), in one chunk or the smallest."""
+    monkeypatch.setattr(_backends._Generic, "frame_by_slices", frame != "gathered")
+    monkeypatch.setattr(_backends._Generic, "frame_strips",
+                        staticmethod(lambda x: frame == "by_slices"), raising=False)
     if chunk is not None:
         monkeypatch.setattr(_core, "_FRAME_CHUNK", chunk)
     for x, kernel, stride, dilation, groups in random_geometries(150, seed=6):

@@ -447,8 +447,8 @@ class _SliceBox:
 
     A strip (the frame along one axis, inside the common window on every other) has at
     each of its positions on that axis the same taps reading outside, a range of kernel
-    offsets on that axis: only those rows of X enter the product (about half of them).
-    A corner (the frame along several axes) takes every row, masked.
+    offsets on that axis: only those rows of X need enter the product (about half of
+    them). A corner (the frame along several axes) takes every row, masked.
     """
 
     box: tuple  # (lo, hi) output positions per axis
@@ -456,7 +456,8 @@ class _SliceBox:
     rows: tuple | None  # strips: per position on the strip's axis, (t_lo, t_hi, mask):
     #                     its kernel offsets [t_lo, t_hi) on that axis read outside where
     #                     mask (t_hi - t_lo,) is 1 (None: all of them)
-    mask: np.ndarray | None  # corners: (n, P) frame mask, positions row-major
+    mask: np.ndarray  # (n, P) frame mask, rows (channel, offsets in `order`), positions
+    #                   row-major in `order`
 
 
 _PLANS = {}  # a plain memo (torch.compile traces dicts, but warns on lru_cache)
@@ -531,25 +532,30 @@ def _slice_boxes(out, reach, taps, tap_offset, channels):
     for parts in itertools.product(*segments):
         box = tuple(extent for _, extent in parts)
         strips = [axis for axis, (strip, _) in enumerate(parts) if strip]
+        if not strips:
+            continue
+        order = (strips[0], *(a for a in range(d) if a != strips[0]))
+        grids = np.meshgrid(*(np.arange(*box[a]) for a in order), indexing="ij")
+        positions = np.stack([grids[order.index(a)].reshape(-1) for a in range(d)], axis=1)
+        # Taps (kernel offsets in `order`, row-major) reading outside at each position.
+        offsets = np.moveaxis(tap_offset.reshape(*(len(axis) for axis in taps), d),
+                              order, range(d)).reshape(-1, d)
+        q = positions[:, None, :] + offsets[None, :, :]  # phase coordinates
+        outside = ((q < np.asarray(reach)) | (q >= np.asarray(out))).any(axis=-1)
+        mask = np.ascontiguousarray(np.tile(outside, (1, channels)).astype(np.float64).T)
+        rows = None
         if len(strips) == 1:
             axis = strips[0]
             offsets = np.array([e for _, e in taps[axis]])
             rows = []
             for position in range(*box[axis]):
-                reach_out = ((position + offsets < reach[axis])
+                reads_out = ((position + offsets < reach[axis])
                              | (position + offsets >= out[axis]))
-                t_lo, t_hi = np.flatnonzero(reach_out)[[0, -1]] + (0, 1)
-                mask = reach_out[t_lo:t_hi].astype(np.float64)
-                rows.append((int(t_lo), int(t_hi), None if mask.all() else mask))
-            order = (axis, *(a for a in range(d) if a != axis))
-            yield _SliceBox(box, order, tuple(rows), None)
-        elif strips:
-            grids = np.meshgrid(*(np.arange(lo, hi) for lo, hi in box), indexing="ij")
-            positions = np.stack([g.reshape(-1) for g in grids], axis=1)
-            q = positions[:, None, :] + tap_offset[None, :, :]  # phase coordinates
-            mask = ((q < np.asarray(reach)) | (q >= np.asarray(out))).any(axis=-1)
-            mask = np.ascontiguousarray(np.tile(mask, (1, channels)).astype(np.float64).T)
-            yield _SliceBox(box, tuple(range(d)), None, mask)
+                t_lo, t_hi = np.flatnonzero(reads_out)[[0, -1]] + (0, 1)
+                part = reads_out[t_lo:t_hi].astype(np.float64)
+                rows.append((int(t_lo), int(t_hi), None if part.all() else part))
+            rows = tuple(rows)
+        yield _SliceBox(box, order, rows, mask)
 
 
 def _small_index(index):
@@ -607,8 +613,11 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     index = _constant(xp, (geometry, "pairs"), plan.pair_index.reshape(-1), None, device)
     result = xp.reshape(xp.take(xp.reshape(correlations, (-1,)), index, axis=0),
                         plan.pair_index.shape)
-    if getattr(backend(xp), "frame_by_slices", False):
-        frame = _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation)
+    found = backend(xp)
+    if getattr(found, "frame_by_slices", False):
+        strips = found.frame_strips(x) if hasattr(found, "frame_strips") else True
+        frame = _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation,
+                                 strips)
     else:
         frame = _frame_by_gather(xp, x, plan, geometry)
     keyed = _constant(xp, (geometry, "keyed"), plan.row_keyed, None, device)
@@ -636,11 +645,13 @@ def _frame_by_gather(xp, x, plan, geometry):
     return frame
 
 
-def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation):
+def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation, strips=True):
     """:func:`_frame_by_gather`'s sum from static slices of x instead of a gather: per
     :class:`_SliceBox`, in chunks of images, the patches of the crop it reads, stacked
     one axis at a time (k0 + k1 + ... slices, not k0 k1 ...), as (channel, kernel
-    offsets | positions on the leading axis, images, other positions)."""
+    offsets | positions on the leading axis, images, other positions). With ``strips``,
+    a strip's product per position, on the rows reading outside; else per box, masked
+    (fewer, larger operations)."""
     channels, n_cols = x.shape[1], plan.frame_mask.shape[1]
     device = array_api_compat.device(x)
     frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
@@ -654,7 +665,7 @@ def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation):
         for lo in range(0, x.shape[0], step):
             patches = _box_patches(xp, x[lo:lo + step], piece, kernel_size, stride,
                                    dilation)
-            if piece.rows is None:  # a corner: every row, masked
+            if piece.rows is None or not strips:  # every row, masked
                 mask = _constant(xp, (key, "mask"), np.reshape(
                     piece.mask, (n_cols, extents[0], 1, -1)), x.dtype, device)
                 shaped = xp.reshape(patches, (n_cols, extents[0], -1, mask.shape[-1]))

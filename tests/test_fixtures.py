@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CASES, FIXTURES, LINEAR_CASES, case_id
+from conftest import CASES, FIXTURES, LINEAR_CASES, assert_close, case_id
 
 
 def test_committed_fixtures_are_reproducible(tmp_path):
@@ -18,7 +18,11 @@ def test_committed_fixtures_are_reproducible(tmp_path):
     with np.load(tmp_path / "cases.npz") as fresh, np.load(FIXTURES / "cases.npz") as committed:
         assert sorted(fresh.files) == sorted(committed.files)
         for key in fresh.files:
-            np.testing.assert_array_equal(fresh[key], committed[key], err_msg=key)
+            # To rounding: BLAS picks its kernels by processor, and their sums round
+            # differently; the pixel-range b < n cases (condition numbers near 1e7)
+            # amplify that to 2e-10 between two x86-64 machines. The tests that read the
+            # fixtures ask for 1e-9 at most.
+            assert_close(fresh[key], committed[key], 1e-9, key)
 
 
 def test_fixtures_cover_what_issue_2_names():

@@ -1,6 +1,7 @@
 """First-layer cost of TrAct vs the plain layer in PyTorch, measured side by side.
 
     python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--memory] [--json F]
+                                     [--device cuda]
 
 Each case times forward + backward of the first layer alone (its input needs no gradient,
 as for a stem), plain, TrAct and the unfold baseline interleaved in one process, and
@@ -8,7 +9,9 @@ prints the ratios of the minimum times. The unfold baseline is the public
 implementation's algorithm, re-implemented here: unfold every patch, form X^T X,
 invert it explicitly, multiply. Peak memory (--memory) is the growth of the peak RSS
 over one warm forward+backward, each variant in a fresh subprocess; the table shows each
-variant's growth minus the plain layer's.
+variant's growth minus the plain layer's. On a GPU (--device cuda) each step ends with a
+synchronization, and peak memory is the growth of the CUDA allocator's peak over one
+warm step, in process.
 """
 
 import sys
@@ -97,19 +100,19 @@ def _resnet_step(tract):
 CASES["resnet18_cifar_step"] = (None, (128, 3, 32, 32))
 
 
-def make(case, variant, seed=0):
+def make(case, variant, seed=0, device="cpu"):
     factory, shape = CASES[case]
-    if case == "resnet18_cifar_step":
-        torch.manual_seed(seed)
-        model, x = _resnet_step(variant), torch.randn(shape)
-        return model, x, torch.randn(shape[0], 10)
     torch.manual_seed(seed)
+    if case == "resnet18_cifar_step":
+        model, x = _resnet_step(variant).to(device), torch.randn(shape, device=device)
+        return model, x, torch.randn(shape[0], 10, device=device)
     layer = factory()
     if variant == "tract":
         layer = tt.wrap(layer, lam=0.1)
     elif variant == "unfold":
         layer = _unfold_baseline(layer)
-    x = torch.randn(shape)
+    layer.to(device)
+    x = torch.randn(shape, device=device)
     with torch.no_grad():
         grad_z = torch.randn_like(layer(x))
     return layer, x, grad_z
@@ -119,10 +122,13 @@ def step(layer, x, grad_z):
     for p in layer.parameters():
         p.grad = None
     layer(x).backward(grad_z)
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
-def time_case(case, repeats):
-    return _harness.best_times({v: make(case, v) for v in VARIANTS}, repeats, step)
+def time_case(case, repeats, device="cpu"):
+    runs = {v: make(case, v, device=device) for v in VARIANTS}
+    return _harness.best_times(runs, repeats, step)
 
 
 def peak_growth_in_child(case, variant, threads):
@@ -135,25 +141,46 @@ def peak_growth_in_child(case, variant, threads):
     return _harness.peak_growth_mib(lambda: step(layer, x, grad_z))
 
 
+def cuda_peak_growth(case, variant):
+    """Growth of the CUDA allocator's peak over one warm forward+backward, in MiB."""
+    layer, x, grad_z = make(case, variant, device="cuda")
+    step(layer, x, grad_z)
+    for p in layer.parameters():
+        p.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(layer, x, grad_z)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def main(argv=None):
     parser = _harness.parser(__doc__.splitlines()[0], GOALS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--few-patch-entries", type=int, default=tt._FEW_PATCH_ENTRIES,
+                        help="explicit patches up to this many entries per group (timing only)")
     args = parser.parse_args(argv)
+    tt._FEW_PATCH_ENTRIES = args.few_patch_entries
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, min of {args.repeats} runs")
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{args.threads} threads")
+    print(f"torch {torch.__version__}, {where}, min of {args.repeats} runs")
     columns = [*_harness.TIMING_COLUMNS, "unfold baseline/plain"]
     if args.memory:
         columns += ["TrAct extra peak MiB", "baseline extra peak MiB"]
     _harness.print_header(*columns)
     results = {}
     for case in args.cases:
-        best = time_case(case, args.repeats)
+        best = time_case(case, args.repeats, args.device)
         cells, results[case] = _harness.timing_cells(case, best, GOALS)
         baseline = best["unfold"] / best["plain"]
         cells.append(f"{baseline:.2f}x")
         results[case].update(unfold_s=best["unfold"], unfold_ratio=baseline)
-        if args.memory:
+        if args.memory and args.device == "cuda":
+            growth = {v: cuda_peak_growth(case, v) for v in VARIANTS}
+        elif args.memory:
             growth = {v: _harness.in_fresh_process("bench_torch", "peak_growth_in_child", case,
                                                    v, args.threads) for v in VARIANTS}
+        if args.memory:
             extra = {v: growth[v] - growth["plain"] for v in ("tract", "unfold")}
             results[case].update(extra_peak_mib=extra["tract"],
                                  unfold_extra_peak_mib=extra["unfold"])

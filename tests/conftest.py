@@ -72,7 +72,12 @@ def _jax_xp():
     return importlib.import_module("jax.numpy")
 
 
-XP_FACTORIES = {"numpy": _numpy_xp, "torch": _torch_xp, "jax": _jax_xp}
+def _cupy_xp():
+    need("cupy")
+    return importlib.import_module("array_api_compat.cupy")
+
+
+XP_FACTORIES = {"numpy": _numpy_xp, "torch": _torch_xp, "jax": _jax_xp, "cupy": _cupy_xp}
 
 
 # Under nox only the session's own libraries; elsewhere whatever is installed.
@@ -81,19 +86,21 @@ XP_NAMES = [name for name in XP_FACTORIES if not REQUIRED or name in REQUIRED]
 
 @pytest.fixture(params=XP_NAMES)
 def xp(request):
-    """An array namespace: numpy, torch (array-api-compat) or jax.numpy."""
+    """An array namespace: numpy, torch (array-api-compat), jax.numpy or cupy."""
     return XP_FACTORIES[request.param]()
 
 
 def to_numpy(array):
     if hasattr(array, "detach"):
         array = array.detach().cpu()
+    elif type(array).__module__.startswith("cupy"):
+        array = array.get()  # cupy refuses implicit copies to the host
     return np.asarray(array, dtype=np.float64)
 
 
 def assert_close(actual, expected, rtol, what=""):
     """Relative error in the Frobenius norm, the measure the issues name."""
-    actual, expected = to_numpy(actual), np.asarray(expected, dtype=np.float64)
+    actual, expected = to_numpy(actual), to_numpy(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = np.linalg.norm(expected)
     error = np.linalg.norm(actual - expected) / (scale if scale > 0 else 1.0)

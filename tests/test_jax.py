@@ -168,8 +168,11 @@ def test_float32_matches_fixture(case):
     [(z, grad_x, grad_kernel, grad_bias)] = run_case(case.name, "float32")
     assert grad_kernel.dtype == jnp.float32
     z, grad_x, grad_weight = to_torch_layout(case, z, grad_x, grad_kernel)
-    assert_close(z, case.z, 2e-4, "z")
-    assert_close(grad_x, case.grad_x, 2e-4, "grad_x")
+    # z and grad_x are the plain layer's, at XLA's default precision: TF32 on GPUs.
+    # TrAct's own backward runs at full float32 everywhere.
+    plain_rtol = 2e-4 if jax.default_backend() == "cpu" else 2e-3
+    assert_close(z, case.z, plain_rtol, "z")
+    assert_close(grad_x, case.grad_x, plain_rtol, "grad_x")
     assert_close(grad_weight, case.grad_weight, 2e-4, "grad_weight")
     if case.has_bias:
         assert_close(grad_bias, case.grad_bias, 2e-4, "grad_bias")

@@ -16,8 +16,16 @@ tt = pytest.importorskip("tract_core.torch")
 
 CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 
+# One test body per device (SciPy's xp pattern): CUDA joins where a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def plain_layer(case, dtype=torch.float64):
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def plain_layer(case, dtype=torch.float64, device="cpu"):
     """The plain torch layer a fixture case describes, with the case's parameters."""
     if case.kind == "linear":
         layer = nn.Linear(case.x.shape[-1], case.grad_z.shape[-1], bias=case.has_bias)
@@ -27,7 +35,7 @@ def plain_layer(case, dtype=torch.float64):
             case.x.shape[1], case.weight.shape[0], tuple(case.kernel), stride=tuple(case.stride),
             padding=padding, dilation=tuple(case.dilation), groups=case.groups,
             padding_mode=case.padding_mode, bias=case.has_bias)
-    layer = layer.to(dtype)
+    layer = layer.to(device, dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(case.weight))
         if case.has_bias:
@@ -37,7 +45,7 @@ def plain_layer(case, dtype=torch.float64):
 
 def _explicit_patch_path(case, few_entries=None):
     """Whether the wrapped conv takes conv_moments' explicit patches (b >= n): disjoint
-    patches (ViT), or on CPU patches of at most ``few_entries`` entries per group."""
+    patches (ViT), or patches of at most ``few_entries`` entries per group."""
     few_entries = tt._FEW_PATCH_ENTRIES if few_entries is None else few_entries
     return (case.kind != "linear" and case.rows >= case.row_width
             and (tract_core.disjoint_patches(case.kernel, case.stride, case.dilation)
@@ -50,18 +58,18 @@ def test_the_fixtures_exercise_every_conv_path():
     assert disjoint >= 3 and explicit - disjoint >= 6
 
 
-def run(layer, case, dtype=torch.float64):
+def run(layer, case, dtype=torch.float64, device="cpu"):
     """Forward and backward with the case's output gradient; returns z, x.grad."""
-    x = torch.tensor(case.x, dtype=dtype, requires_grad=True)
+    x = torch.tensor(case.x, dtype=dtype, device=device, requires_grad=True)
     z = layer(x)
-    z.backward(torch.tensor(case.grad_z, dtype=z.dtype))
+    z.backward(torch.tensor(case.grad_z, dtype=z.dtype, device=device))
     return z.detach(), x.grad
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_wrapped_layer_matches_fixture_float64(case):
-    layer = tt.wrap(plain_layer(case), lam=case.lam)
-    z, grad_x = run(layer, case)
+def test_wrapped_layer_matches_fixture_float64(case, device):
+    layer = tt.wrap(plain_layer(case, device=device), lam=case.lam)
+    z, grad_x = run(layer, case, device=device)
     assert_close(z, case.z, 1e-12, "z")
     assert_close(grad_x, case.grad_x, 1e-12, "grad_x")
     assert_close(layer.weight.grad, case.grad_weight, 1e-9, "grad_weight")
@@ -70,15 +78,22 @@ def test_wrapped_layer_matches_fixture_float64(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case):
-    plain = plain_layer(case, torch.float32)
-    z_plain, grad_x_plain = run(plain, case, torch.float32)
+def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case, device, monkeypatch):
+    # cuDNN's fastest kernels may reorder sums from call to call: then not even two plain
+    # calls agree bit for bit.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    plain = plain_layer(case, torch.float32, device)
+    z_plain, grad_x_plain = run(plain, case, torch.float32, device)
     bias_grad_plain = plain.bias.grad.clone() if case.has_bias else None
     plain.zero_grad(set_to_none=True)
     wrapped = tt.wrap(plain, lam=case.lam)
-    z, grad_x = run(wrapped, case, torch.float32)
+    z, grad_x = run(wrapped, case, torch.float32, device)
     assert torch.equal(z, z_plain)
-    assert torch.equal(grad_x, grad_x_plain)
+    if device.type == "cuda" and case.get("padding_mode") in ("reflect", "replicate"):
+        # These pads' backward adds with atomics on CUDA, in no fixed order.
+        assert_close(grad_x, grad_x_plain, 1e-6, "grad_x")
+    else:
+        assert torch.equal(grad_x, grad_x_plain)
     if case.has_bias and _explicit_patch_path(case):
         # Explicit patches: the bias gradient is our own sum of grad_z, the plain layer's
         # value up to float32 summation order.
@@ -90,22 +105,23 @@ def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_conv_kernel_path_matches_fixture(case, monkeypatch):
+def test_conv_kernel_path_matches_fixture(case, device, monkeypatch):
     """Explicit patches off: overlapping patches take torch's conv backward kernel and the
-    structured Gram (as on GPU, or for patches of many entries); its bias gradient is the
-    plain layer's bit for bit."""
+    structured Gram (as for patches of many entries); its bias gradient is the plain
+    layer's bit for bit."""
     monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", 0)
-    layer = tt.wrap(plain_layer(case), lam=case.lam)
-    run(layer, case)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    layer = tt.wrap(plain_layer(case, device=device), lam=case.lam)
+    run(layer, case, device=device)
     assert_close(layer.weight.grad, case.grad_weight, 1e-9, "grad_weight")
     if not case.has_bias:
         return
     assert_close(layer.bias.grad, case.grad_bias, 1e-12, "grad_bias")
-    plain = plain_layer(case, torch.float32)
-    run(plain, case, torch.float32)
-    wrapped = tt.wrap(plain_layer(case, torch.float32), lam=case.lam)
-    run(wrapped, case, torch.float32)
-    if not _explicit_patch_path(case):
+    plain = plain_layer(case, torch.float32, device)
+    run(plain, case, torch.float32, device)
+    wrapped = tt.wrap(plain_layer(case, torch.float32, device), lam=case.lam)
+    run(wrapped, case, torch.float32, device)
+    if not _explicit_patch_path(case, few_entries=0):
         assert torch.equal(wrapped.bias.grad, plain.bias.grad)
 
 
@@ -218,21 +234,28 @@ def test_state_dict_checkpoint_loads_into_plain_model():
     assert torch.equal(plain.conv1.weight, model.conv1.weight)
 
 
-def test_autocast_bfloat16_is_accurate():
-    """bf16 autocast on CPU: the Gram and solve still run in float32."""
+AUTOCAST_DTYPES = [(device, dtype) for device in DEVICES for dtype in
+                   ([torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16])]
+
+
+@pytest.mark.parametrize("device, dtype", AUTOCAST_DTYPES, ids=str)
+def test_autocast_is_accurate(device, dtype):
+    """Autocast (bf16 on CPU; fp16 and bf16 on CUDA): the Gram and solve still run in
+    float32, for the structured Gram (7x7/2) and explicit patches (3x3) alike."""
     torch.manual_seed(0)
-    x = torch.randn(16, 3, 8, 8)
-    layer = tt.wrap(nn.Conv2d(3, 8, 3, padding=1), lam=0.1)
-    z_grad = torch.randn(16, 8, 8, 8)
-    layer(x).backward(z_grad)
-    reference = layer.weight.grad.clone()
-    layer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = layer(x)
-        assert z.dtype == torch.bfloat16
-        z.backward(z_grad.bfloat16())  # backward inside autocast too
-    assert layer.weight.grad.dtype == torch.float32
-    assert_close(layer.weight.grad, reference.numpy(), 2e-2)
+    for conv, size in ((nn.Conv2d(3, 8, 3, padding=1), 8), (nn.Conv2d(3, 8, 7, 2, 3), 16)):
+        x = torch.randn(16, 3, size, size, device=device)
+        layer = tt.wrap(conv.to(device), lam=0.1)
+        z_grad = torch.randn_like(layer(x))
+        layer(x).backward(z_grad)
+        reference = layer.weight.grad.clone()
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype):
+            z = layer(x)
+            assert z.dtype == dtype
+            z.backward(z_grad.to(dtype))  # backward inside autocast too
+        assert layer.weight.grad.dtype == torch.float32
+        assert_close(layer.weight.grad, reference.cpu().numpy(), 2e-2)
 
 
 def test_bfloat16_parameters():
@@ -246,11 +269,42 @@ def test_bfloat16_parameters():
     assert_close(layer.weight.grad.float(), expected, 2e-2)
 
 
+def test_tf32_settings_leave_the_gram_in_float32(device, monkeypatch):
+    """A user's TF32 opt-in (10-bit mantissa) speeds up their layers, not TrAct's Gram and
+    solve: pixel-scale patches need float32's digits. On CPU the flags change nothing."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for cuBLAS
+    try:
+        _check_float32_gram(device, monkeypatch)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _check_float32_gram(device, monkeypatch):
+    torch.manual_seed(0)
+    x = 255 * torch.rand(8, 3, 20, 20, device=device, dtype=torch.float64)
+    grad_z = torch.randn(8, 8, 10, 10, device=device, dtype=torch.float64)
+    layers = {dtype: tt.wrap(nn.Conv2d(3, 8, 7, 2, 3), lam=0.1).to(device, dtype)
+              for dtype in (torch.float64, torch.float32)}
+    layers[torch.float32].load_state_dict(layers[torch.float64].state_dict())
+    grads = {}
+    for dtype, layer in layers.items():
+        for few_entries in (0, 1000):  # the structured Gram, explicit patches
+            monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", few_entries)
+            layer.zero_grad(set_to_none=True)
+            layer(x.to(dtype)).backward(grad_z.to(dtype))
+            grads[dtype, few_entries] = layer.weight.grad.double()
+    for few_entries in (0, 1000):
+        assert_close(grads[torch.float32, few_entries], grads[torch.float64, 0], 2e-4,
+                     f"_FEW_PATCH_ENTRIES={few_entries}")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("batch", [8, 1])
-def test_nan_inf_flow_through(bad, batch):
-    layer = tt.wrap(nn.Conv2d(3, 4, 3), lam=0.1)
-    x = torch.randn(batch, 3, 5, 5)
+def test_nan_inf_flow_through(bad, batch, device):
+    layer = tt.wrap(nn.Conv2d(3, 4, 3), lam=0.1).to(device)
+    x = torch.randn(batch, 3, 5, 5, device=device)
     x[0, 1, 2, 2] = bad
     layer(x).sum().backward()
     assert torch.isnan(layer.weight.grad).any()
@@ -299,13 +353,14 @@ def test_functional_conv_equals_module():
 
 @pytest.mark.parametrize("kernel, images, size", [(3, 16, 8), (7, 4, 16)],
                          ids=["patches", "structured_gram"])
-def test_torch_compile_fullgraph_gives_eager_gradients(kernel, images, size):
-    """A 3x3 stem (explicit patches on CPU) and a 7x7/2 one (the structured Gram: phase
+def test_torch_compile_fullgraph_gives_eager_gradients(kernel, images, size, device):
+    """A 3x3 stem (explicit patches) and a 7x7/2 one (the structured Gram: phase
     stack, shift correlations, frame strips and corners)."""
     torch.manual_seed(0)
     model = nn.Sequential(tt.wrap(nn.Conv2d(3, 8, kernel, padding=kernel // 2, stride=2)),
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * (size // 2) ** 2, 4))
-    x = torch.randn(images, 3, size, size)
+    model.to(device)
+    x = torch.randn(images, 3, size, size, device=device)
     eager = grads_of(model, x)
     compiled = torch.compile(model, fullgraph=True)
     compiled.zero_grad(set_to_none=True)
@@ -342,39 +397,53 @@ def test_benchmark_baseline_computes_the_same_gradient_as_tract(monkeypatch):
     torch.testing.assert_close(grads["unfold"], grads["tract"], rtol=1e-10, atol=0)
 
 
-def test_forward_and_backward_read_nothing_back_to_the_host(monkeypatch):
+def test_forward_and_backward_read_nothing_back_to_the_host(monkeypatch, device):
     """No tensor value reaches Python during a step (on a GPU, .item(), bool(), float(),
     .tolist() or .numpy() each wait for the device): every conv path, the push-through
-    form, a grouped conv and the linear layer, NaN data included."""
+    form, a grouped conv and the linear layer, NaN data included. On CUDA, torch's sync
+    debug mode also fails any synchronization inside a kernel (cuSOLVER/MAGMA status)."""
     torch.manual_seed(0)
-    cases = [(tt.wrap(nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 12, 12)),
-             (tt.wrap(nn.Conv2d(3, 4, 7, stride=2, padding=3)), torch.randn(2, 3, 16, 16)),
-             (tt.wrap(nn.Conv2d(4, 4, 3, padding="same", groups=2, padding_mode="reflect")),
-              torch.randn(2, 4, 12, 12)),
-             (tt.wrap(nn.Conv2d(3, 4, 4, stride=4)), torch.randn(2, 3, 12, 12)),
-             (tt.wrap(nn.Conv2d(3, 4, 5)), torch.randn(1, 3, 6, 6)),  # b = 4 < n = 75
-             (tt.wrap(nn.Linear(6, 4)), torch.randn(9, 6)),
-             (tt.wrap(nn.Linear(6, 4)), torch.full((9, 6), float("nan")))]
+    cases = [(nn.Conv2d(3, 4, 3, padding=1), (2, 3, 12, 12)),
+             (nn.Conv2d(3, 4, 7, stride=2, padding=3), (2, 3, 16, 16)),
+             (nn.Conv2d(4, 4, 3, padding="same", groups=2, padding_mode="reflect"),
+              (2, 4, 12, 12)),
+             (nn.Conv2d(3, 4, 4, stride=4), (2, 3, 12, 12)),
+             (nn.Conv2d(3, 4, 5), (1, 3, 6, 6)),  # b = 4 < n = 75
+             (nn.Linear(6, 4), (9, 6)),
+             (nn.Linear(6, 4), (9, 6))]
+    cases = [(tt.wrap(layer.to(device)), torch.randn(shape, device=device))
+             for layer, shape in cases]
+    cases[-1][1].fill_(float("nan"))
     read = []
     for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
                             read.append(_n) or _f(self, *a, **k))
-    for layer, x in cases:
+    for layer, x in cases:  # first step: index constants copied to the device once
         layer(x).square().sum().backward()
-    monkeypatch.undo()
+        layer.weight.grad = None
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for layer, x in cases:
+            layer(x).square().sum().backward()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     assert read == []
     assert all(layer.weight.grad is not None for layer, _ in cases)
     assert torch.isnan(cases[-1][0].weight.grad).all()
 
 
-def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch):
+def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch, device):
     """Index constants are made once per device: later backwards create no tensor from host
     data (on a GPU each such copy would synchronize with the device)."""
     torch.manual_seed(0)
     layers = [tt.wrap(nn.Conv2d(3, 4, 3, padding=1)), tt.wrap(nn.Conv2d(3, 4, 7, stride=2)),
               tt.wrap(nn.Conv2d(3, 4, 4, stride=4)), tt.wrap(nn.Linear(6, 4))]
-    inputs = [torch.randn(2, 3, 12, 12)] * 3 + [torch.randn(9, 6)]
+    layers = [layer.to(device) for layer in layers]
+    inputs = [torch.randn(2, 3, 12, 12, device=device)] * 3 + [torch.randn(9, 6, device=device)]
     for layer, x in zip(layers, inputs):
         layer(x).square().sum().backward()  # first step: constants made
     made = []

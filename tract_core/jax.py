@@ -145,9 +145,9 @@ def _correlate(g, y, shifts):
 
     As a convolution this has a window as large as the image and N as the contracted
     feature axis, a shape XLA's CPU convolutions slow down on as N grows; past a few
-    hundred images x shifts (measured) FFTs are faster.
+    hundred images x shifts (measured) FFTs are faster there. GPUs take the convolution.
     """
-    direct = g.shape[0] * math.prod(shifts) <= 300
+    direct = jax.default_backend() != "cpu" or g.shape[0] * math.prod(shifts) <= 300
     return (_correlate_by_conv if direct else _correlate_by_fft)(g, y, shifts)
 
 

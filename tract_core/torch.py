@@ -59,6 +59,28 @@ def _compute_dtype(x, grad_z):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _tf32_off(device):
+    """Full float32 products on CUDA while TrAct computes (eager; returns what to restore).
+
+    A user's TF32 opt-in speeds up their own layers, but its 10-bit mantissa loses digits
+    that the Gram of pixel-scale patches and the solve need (the JAX adapter computes at
+    'highest' precision likewise). Under torch.compile the flags in force when the graph
+    is compiled apply.
+    """
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    return saved
+
+
+def _tf32_restore(saved):
+    if saved is not None:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def _syncing(options):
     return (options.sync and torch.distributed.is_available()
             and torch.distributed.is_initialized())
@@ -100,9 +122,10 @@ def _correlate(g, y, kernel_shape):
 
 
 # Patches of at most this many entries per group (C/g * prod(kernel)) go through
-# conv_moments on CPU. Measured, 2 threads, against the conv kernel's weight gradient
+# conv_moments. Measured on CPU, 2 threads, against the conv kernel's weight gradient
 # (which runs at 10-45 GFLOP/s on such shapes): 0.4-0.65x the time for n_g <= 75 (3x3
-# and 5x5 stems, 3x3/2); 1.1-1.8x for n_g >= 144 (7x7/2 stem, 16 or 64 channels).
+# and 5x5 stems, 3x3/2); 1.1-1.8x for n_g >= 144 (7x7/2 stem, 16 or 64 channels). On
+# an H200 the structured Gram's many small kernels cost more than the patches' copy.
 _FEW_PATCH_ENTRIES = 96
 
 
@@ -128,7 +151,7 @@ def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bi
     push_through = need_weight and b < n_g and not _syncing(options)
     if need_weight and not push_through and (
             _tc.disjoint_patches(kernel_size, geometry.stride, geometry.dilation)
-            or (x.device.type == "cpu" and n_g <= _FEW_PATCH_ENTRIES)):
+            or n_g <= _FEW_PATCH_ENTRIES):
         # Explicit patches: for ViT patches the input reordered, for stems few entries
         # each; matmuls on them beat the CPU conv kernel's weight gradient and give the
         # Gram as well.
@@ -174,13 +197,17 @@ class _TrActGrads(torch.autograd.Function):
         weight, bias, x = ctx.saved_tensors
         need_weight, need_bias = ctx.needs_input_grad[1:3]
         grad_w = grad_b = None
-        # Our Gram and solve run in float32 or better, whatever autocast says.
-        with torch.autocast(grad_z.device.type, enabled=False):
-            if ctx.geometry is None:
-                grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
-            else:
-                grad_w, grad_b = _conv_grads(x, grad_z, weight, bias, ctx.options,
-                                             ctx.geometry, need_weight, need_bias)
+        # Our Gram and solve run in float32 or better, whatever autocast or TF32 say.
+        tf32 = _tf32_off(grad_z.device)
+        try:
+            with torch.autocast(grad_z.device.type, enabled=False):
+                if ctx.geometry is None:
+                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
+                else:
+                    grad_w, grad_b = _conv_grads(x, grad_z, weight, bias, ctx.options,
+                                                 ctx.geometry, need_weight, need_bias)
+        finally:
+            _tf32_restore(tf32)
         if grad_w is not None:
             grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
         if grad_b is not None:

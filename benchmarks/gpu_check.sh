@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one command on a CUDA machine with torch, JAX and cupy:
+#   bash benchmarks/gpu_check.sh OUT_DIR
+# 1. tests/test_torch.py on CUDA (fixtures in float64/float32, autocast fp16/bf16, NaN,
+#    torch.compile, no host reads and no synchronizations in backward);
+# 2. the core's tests on cupy and on JAX's GPU backend, and tests/test_jax.py on the GPU;
+# 3. bench_torch.py --device cuda and bench_jax.py, TrAct vs the plain layer side by side.
+# Each step has its own time limit, so that one slow step cannot hide the others.
+set -u
+out=${1:-gpu_check}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: log to OUT/NAME.log, print its tail
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "exit $?" >>"$out/$name.log"
+    tail -n 25 "$out/$name.log"
+}
+nvidia-smi -L
+python3 -c "import torch, jax; print('torch', torch.__version__, torch.cuda.get_device_name(),
+'jax', jax.__version__, jax.devices())"
+pytest=(python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=25)
+step torch_cuda_tests 120 "${pytest[@]}" tests/test_torch.py -k cuda
+step bench_torch_cuda 70 python3 benchmarks/bench_torch.py --device cuda --repeats 20 --memory
+step bench_torch_cuda_7x7_patches 40 python3 benchmarks/bench_torch.py --device cuda \
+    --repeats 20 --cases imagenet_stem_7x7s2 --few-patch-entries 160
+step bench_jax_gpu 120 python3 benchmarks/bench_jax.py --repeats 20 --memory
+step core_cupy_tests 50 "${pytest[@]}" tests/test_core.py -k cupy
+step jax_gpu_tests 70 "${pytest[@]}" tests/test_jax.py -k "fixture or float32"

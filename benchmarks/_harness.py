@@ -26,13 +26,16 @@ def best_times(runs, repeats, run):
     """Minimum seconds of ``run(*args)`` for each variant of ``runs`` ({variant: args}).
 
     Each variant runs once to compile and warm up; then the variants take turns, so that
-    a change in the machine's load or state hits all of them alike.
+    a change in the machine's load or state hits all of them alike, in an order reversed
+    every round, so that each follows each other as often (what ran before, its caches
+    and its freed memory, moves a whole ResNet step by a few percent).
     """
     best = {variant: float("inf") for variant in runs}
     for args in runs.values():
         run(*args)
-    for _ in range(repeats):
-        for variant, args in runs.items():
+    order = list(runs.items())
+    for round_ in range(repeats):
+        for variant, args in order if round_ % 2 == 0 else reversed(order):
             start = time.perf_counter()
             run(*args)
             best[variant] = min(best[variant], time.perf_counter() - start)

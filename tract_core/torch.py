@@ -132,7 +132,7 @@ _FEW_PATCH_ENTRIES = 96
 def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bias):
     """TrAct's weight gradient and the plain bias gradient of a conv.
 
-    Disjoint patches, and on CPU patches of few entries: all three from conv_moments'
+    Disjoint patches, and patches of few entries: all three from conv_moments'
     explicit patches. Otherwise both gradients come from one call of torch's conv
     backward kernel, as for the plain layer (on CPU a bias-only call costs as much as
     the weight gradient), and the weight gradient is preconditioned with the

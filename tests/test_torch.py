@@ -295,8 +295,9 @@ def _check_float32_gram(device, monkeypatch):
             layer.zero_grad(set_to_none=True)
             layer(x.to(dtype)).backward(grad_z.to(dtype))
             grads[dtype, few_entries] = layer.weight.grad.double()
+    # Measured on an H200: 5e-6 with TF32 off for TrAct, 2e-4 and 5e-4 with it on.
     for few_entries in (0, 1000):
-        assert_close(grads[torch.float32, few_entries], grads[torch.float64, 0], 2e-4,
+        assert_close(grads[torch.float32, few_entries], grads[torch.float64, 0], 2e-5,
                      f"_FEW_PATCH_ENTRIES={few_entries}")
 
 

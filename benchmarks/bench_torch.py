@@ -131,22 +131,25 @@ def time_case(case, repeats, device="cpu"):
     return _harness.best_times(runs, repeats, step)
 
 
+def _warm(case, variant, device="cpu"):
+    """A variant after one step: allocator and kernels warm, as in training."""
+    layer, x, grad_z = make(case, variant, device=device)
+    step(layer, x, grad_z)
+    for p in layer.parameters():
+        p.grad = None
+    return layer, x, grad_z
+
+
 def peak_growth_in_child(case, variant, threads):
     """Peak RSS growth of one warm forward+backward in MiB; see _harness.peak_growth_mib."""
     torch.set_num_threads(threads)
-    layer, x, grad_z = make(case, variant)
-    step(layer, x, grad_z)  # allocator and kernels warm, as in training
-    for p in layer.parameters():
-        p.grad = None
+    layer, x, grad_z = _warm(case, variant)
     return _harness.peak_growth_mib(lambda: step(layer, x, grad_z))
 
 
 def cuda_peak_growth(case, variant):
     """Growth of the CUDA allocator's peak over one warm forward+backward, in MiB."""
-    layer, x, grad_z = make(case, variant, device="cuda")
-    step(layer, x, grad_z)
-    for p in layer.parameters():
-        p.grad = None
+    layer, x, grad_z = _warm(case, variant, "cuda")
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step(layer, x, grad_z)

@@ -1,7 +1,7 @@
 """First-layer cost of TrAct vs the plain layer in PyTorch, measured side by side.
 
     python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--memory] [--json F]
-                                     [--device cuda]
+                                     [--device cuda [--cuda-graphs]]
 
 Each case times forward + backward of the first layer alone (its input needs no gradient,
 as for a stem), plain, TrAct and the unfold baseline interleaved in one process, and
@@ -11,7 +11,8 @@ invert it explicitly, multiply. Peak memory (--memory) is the growth of the peak
 over one warm forward+backward, each variant in a fresh subprocess; the table shows each
 variant's growth minus the plain layer's. On a GPU (--device cuda) each step ends with a
 synchronization, and peak memory is the growth of the CUDA allocator's peak over one
-warm step, in process.
+warm step, in process; --cuda-graphs replays every variant's forward and backward from
+CUDA graphs, which removes the launch and Python cost of each kernel.
 """
 
 import sys
@@ -100,21 +101,27 @@ def _resnet_step(tract):
 CASES["resnet18_cifar_step"] = (None, (128, 3, 32, 32))
 
 
-def make(case, variant, seed=0, device="cpu"):
+def make(case, variant, seed=0, device="cpu", graphed=False):
+    """(layer or model, input, output gradient); ``graphed``: forward and backward
+    captured once as CUDA graphs (torch.cuda.make_graphed_callables), replayed each step."""
     factory, shape = CASES[case]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # data drawn on the CPU: the same on every device, and the
+    # CUDA generator is left alone (after a graph capture it refuses eager draws)
     if case == "resnet18_cifar_step":
-        model, x = _resnet_step(variant).to(device), torch.randn(shape, device=device)
-        return model, x, torch.randn(shape[0], 10, device=device)
-    layer = factory()
-    if variant == "tract":
-        layer = tt.wrap(layer, lam=0.1)
-    elif variant == "unfold":
-        layer = _unfold_baseline(layer)
-    layer.to(device)
-    x = torch.randn(shape, device=device)
-    with torch.no_grad():
-        grad_z = torch.randn_like(layer(x))
+        layer, x = _resnet_step(variant), torch.randn(shape)
+        grad_z = torch.randn(shape[0], 10)
+    else:
+        layer = factory()
+        if variant == "tract":
+            layer = tt.wrap(layer, lam=0.1)
+        elif variant == "unfold":
+            layer = _unfold_baseline(layer)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            grad_z = torch.randn(layer(x).shape)
+    layer, x, grad_z = layer.to(device), x.to(device), grad_z.to(device)
+    if graphed:
+        torch.cuda.make_graphed_callables(layer, (x,))  # layer.forward now replays
     return layer, x, grad_z
 
 
@@ -126,8 +133,17 @@ def step(layer, x, grad_z):
         torch.cuda.synchronize()
 
 
-def time_case(case, repeats, device="cpu"):
-    runs = {v: make(case, v, device=device) for v in VARIANTS}
+def time_case(case, repeats, device="cpu", graphed=False):
+    """Best seconds per variant; a variant whose capture fails (the baseline's explicit
+    inverse checks its result on the host) is left out."""
+    runs = {}
+    for variant in VARIANTS:
+        try:
+            runs[variant] = make(case, variant, device=device, graphed=graphed)
+        except RuntimeError as error:
+            if not graphed or variant == "plain" or variant == "tract":
+                raise
+            print(f"{case}: {variant} not captured ({str(error).splitlines()[0][:80]})")
     return _harness.best_times(runs, repeats, step)
 
 
@@ -161,23 +177,31 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--few-patch-entries", type=int, default=tt._FEW_PATCH_ENTRIES,
                         help="explicit patches up to this many entries per group (timing only)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --device cuda: every variant replayed from CUDA graphs")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
     tt._FEW_PATCH_ENTRIES = args.few_patch_entries
     torch.set_num_threads(args.threads)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{args.threads} threads")
-    print(f"torch {torch.__version__}, {where}, min of {args.repeats} runs")
+    graphs = ", CUDA graphs" if args.cuda_graphs else ""
+    print(f"torch {torch.__version__}, {where}{graphs}, min of {args.repeats} runs")
     columns = [*_harness.TIMING_COLUMNS, "unfold baseline/plain"]
     if args.memory:
         columns += ["TrAct extra peak MiB", "baseline extra peak MiB"]
     _harness.print_header(*columns)
     results = {}
     for case in args.cases:
-        best = time_case(case, args.repeats, args.device)
+        best = time_case(case, args.repeats, args.device, args.cuda_graphs)
         cells, results[case] = _harness.timing_cells(case, best, GOALS)
-        baseline = best["unfold"] / best["plain"]
-        cells.append(f"{baseline:.2f}x")
-        results[case].update(unfold_s=best["unfold"], unfold_ratio=baseline)
+        if "unfold" in best:
+            baseline = best["unfold"] / best["plain"]
+            cells.append(f"{baseline:.2f}x")
+            results[case].update(unfold_s=best["unfold"], unfold_ratio=baseline)
+        else:
+            cells.append("not captured")
         if args.memory and args.device == "cuda":
             growth = {v: cuda_peak_growth(case, v) for v in VARIANTS}
         elif args.memory:

@@ -2,9 +2,11 @@
 # The checks that need a GPU, as one command on a CUDA machine with torch, JAX and cupy:
 #   bash benchmarks/gpu_check.sh OUT_DIR
 # 1. tests/test_torch.py on CUDA (fixtures in float64/float32, autocast fp16/bf16, NaN,
-#    torch.compile, no host reads and no synchronizations in backward);
+#    torch.compile, CUDA graph replays, no host reads and no synchronizations in
+#    backward);
 # 2. the core's tests on cupy and on JAX's GPU backend, and tests/test_jax.py on the GPU;
-# 3. bench_torch.py --device cuda and bench_jax.py, TrAct vs the plain layer side by side.
+# 3. bench_torch.py --device cuda (eager, then replayed from CUDA graphs) and
+#    bench_jax.py, TrAct vs the plain layer side by side.
 # Each step has its own time limit, so that one slow step cannot hide the others.
 set -u
 out=${1:-gpu_check}
@@ -22,8 +24,10 @@ nvidia-smi -L
 python3 -c "import torch, jax; print('torch', torch.__version__, torch.cuda.get_device_name(),
 'jax', jax.__version__, jax.devices())"
 pytest=(python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=25)
-step torch_cuda_tests 120 "${pytest[@]}" tests/test_torch.py -k cuda
+step torch_cuda_tests 180 "${pytest[@]}" tests/test_torch.py -k cuda
 step bench_torch_cuda 70 python3 benchmarks/bench_torch.py --device cuda --repeats 20 --memory
+step bench_torch_cuda_graphs 60 python3 benchmarks/bench_torch.py --device cuda --repeats 20 \
+    --cuda-graphs
 step bench_torch_cuda_7x7_patches 40 python3 benchmarks/bench_torch.py --device cuda \
     --repeats 20 --cases imagenet_stem_7x7s2 --few-patch-entries 160
 step bench_jax_gpu 120 python3 benchmarks/bench_jax.py --repeats 20 --memory

@@ -43,19 +43,25 @@ def plain_layer(case, dtype=torch.float64, device="cpu"):
     return layer
 
 
+def _disjoint(case):
+    return tract_core.disjoint_patches(case.kernel, case.stride, case.dilation)
+
+
 def _explicit_patch_path(case, few_entries=None):
-    """Whether the wrapped conv takes conv_moments' explicit patches (b >= n): disjoint
-    patches (ViT), or patches of at most ``few_entries`` entries per group."""
+    """Whether the wrapped conv takes conv_moments' explicit patches (b >= n):
+    overlapping patches of at most ``few_entries`` entries per group."""
     few_entries = tt._FEW_PATCH_ENTRIES if few_entries is None else few_entries
     return (case.kind != "linear" and case.rows >= case.row_width
-            and (tract_core.disjoint_patches(case.kernel, case.stride, case.dilation)
-                 or case.row_width <= few_entries))
+            and not _disjoint(case) and case.row_width <= few_entries)
 
 
 def test_the_fixtures_exercise_every_conv_path():
-    disjoint = sum(_explicit_patch_path(case, few_entries=0) for case in CASES)
-    explicit = sum(map(_explicit_patch_path, CASES))
-    assert disjoint >= 3 and explicit - disjoint >= 6
+    """Explicit patches, the conv kernel with the Gram of disjoint patches (b >= n both),
+    and the b x b form; test_conv_kernel_path_matches_fixture turns explicit patches off
+    for the structured Gram."""
+    convs = [case for case in CONV_CASES if case.rows >= case.row_width]
+    assert sum(map(_explicit_patch_path, convs)) >= 6 and sum(map(_disjoint, convs)) >= 3
+    assert len(CONV_CASES) - len(convs) >= 2
 
 
 def run(layer, case, dtype=torch.float64, device="cpu"):
@@ -457,3 +463,33 @@ def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch,
         layer(x).square().sum().backward()
         assert layer.weight.grad is not None
     assert made == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("few_entries", [tt._FEW_PATCH_ENTRIES, 0],
+                         ids=["patches", "structured_gram"])
+def test_cuda_graph_replays_give_eager_gradients(few_entries, monkeypatch):
+    """torch.cuda.make_graphed_callables captures a TrAct layer's forward and backward
+    once (possible because they read nothing back to the host); replays on new data
+    give eager's gradients: stems, a ViT patch embedding, the b x b form, a linear
+    layer. The graphed module runs its eager forward in eval mode."""
+    monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", few_entries)
+    torch.manual_seed(0)
+    cases = [(nn.Conv2d(3, 4, 3, padding=1), (4, 3, 12, 12)),
+             (nn.Conv2d(3, 4, 7, stride=2, padding=3), (4, 3, 16, 16)),
+             (nn.Conv2d(3, 4, 4, stride=4), (4, 3, 12, 12)),
+             (nn.Conv2d(3, 4, 5), (1, 3, 6, 6)),  # b = 4 < n = 75
+             (nn.Linear(6, 4), (9, 6))]
+    for plain, shape in cases:
+        layer = tt.wrap(plain.to("cuda", torch.float64))
+        sample = torch.randn(shape, dtype=torch.float64, device="cuda")
+        torch.cuda.make_graphed_callables(layer, (sample,))  # layer.forward now replays
+        for _ in range(2):
+            x = torch.randn(shape, dtype=torch.float64, device="cuda")
+            grads = []
+            for training in (True, False):  # graph replay, then eager
+                layer.train(training)
+                layer.zero_grad(set_to_none=True)
+                layer(x).square().sum().backward()
+                grads.append(layer.weight.grad)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)

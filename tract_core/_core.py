@@ -310,8 +310,9 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     """The plain weight gradient ``G^T X``, the Gram ``X^T X`` and the bias gradient of a
     conv, from explicit patches.
 
-    The choice for disjoint patches (ViT patch embeddings), where X is the input
-    reordered, no larger: both products are then matmuls on one copy of x. For
+    For disjoint patches (ViT patch embeddings) X is the input reordered, no larger:
+    both products are then matmuls on one copy of x (XLA runs them faster than its conv
+    transpose on CPU; PyTorch's conv kernel gives G^T X as fast or faster). For
     overlapping patches the images go in chunks of about ``_PATCH_CHUNK`` patch entries,
     each chunk's products summed per image: memory stays bounded, and where a patch has
     few entries (stems: 3 channels) these matmuls beat a framework's conv

@@ -121,22 +121,24 @@ def _correlate(g, y, kernel_shape):
         [False, True, False])[1]
 
 
-# Patches of at most this many entries per group (C/g * prod(kernel)) go through
-# conv_moments. Measured on CPU, 2 threads, against the conv kernel's weight gradient
-# (which runs at 10-45 GFLOP/s on such shapes): 0.4-0.65x the time for n_g <= 75 (3x3
-# and 5x5 stems, 3x3/2); 1.1-1.8x for n_g >= 144 (7x7/2 stem, 16 or 64 channels). On
-# an H200 the structured Gram's many small kernels cost more than the patches' copy.
+# Overlapping patches of at most this many entries per group (C/g * prod(kernel)) go
+# through conv_moments. Measured on CPU, 2 threads, against the conv kernel's weight
+# gradient (which runs at 10-45 GFLOP/s on such shapes): 0.4-0.65x the time for
+# n_g <= 75 (3x3 and 5x5 stems, 3x3/2); 1.1-1.8x for n_g >= 144 (7x7/2 stem, 16 or 64
+# channels). On an H200 the structured Gram's many small kernels cost more than the
+# patches' copy.
 _FEW_PATCH_ENTRIES = 96
 
 
 def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bias):
     """TrAct's weight gradient and the plain bias gradient of a conv.
 
-    Disjoint patches, and patches of few entries: all three from conv_moments'
-    explicit patches. Otherwise both gradients come from one call of torch's conv
-    backward kernel, as for the plain layer (on CPU a bias-only call costs as much as
-    the weight gradient), and the weight gradient is preconditioned with the
-    structured Gram.
+    Overlapping patches of few entries (stems): all three from conv_moments' explicit
+    patches. Otherwise both gradients come from one call of torch's conv backward
+    kernel, as for the plain layer (on CPU a bias-only call costs as much as the weight
+    gradient), and the weight gradient is preconditioned with conv_gram's Gram: for
+    disjoint patches (ViT) one product of the input reordered, so that TrAct adds only
+    that product and the solve to the plain layer's work.
     """
     g, d = geometry.groups, len(geometry.stride)
     dtype = _compute_dtype(x, grad_z)
@@ -149,12 +151,10 @@ def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bi
     m_g, n_g = weight.shape[0] // g, weight[0].numel()
     b = grad_z.shape[0] * grad_z[0, 0].numel()
     push_through = need_weight and b < n_g and not _syncing(options)
-    if need_weight and not push_through and (
-            _tc.disjoint_patches(kernel_size, geometry.stride, geometry.dilation)
-            or n_g <= _FEW_PATCH_ENTRIES):
-        # Explicit patches: for ViT patches the input reordered, for stems few entries
-        # each; matmuls on them beat the CPU conv kernel's weight gradient and give the
-        # Gram as well.
+    if (need_weight and not push_through and n_g <= _FEW_PATCH_ENTRIES
+            and not _tc.disjoint_patches(kernel_size, geometry.stride, geometry.dilation)):
+        # Explicit patches of few entries each: matmuls on them beat the CPU conv
+        # kernel's weight gradient and give the Gram as well.
         grad_w, gram, grad_b = _tc.conv_moments(x, grad_z, kernel_size, geometry.stride,
                                                 geometry.dilation, g, xp=_xp)
         return _precondition(grad_w, gram, b, options), grad_b if need_bias else None

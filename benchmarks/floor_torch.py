@@ -44,7 +44,9 @@ def tract_kernels(x, grad_z, weight, bias, stride, lam=0.1):
     rows = tc.conv_patches(x, weight.shape[2:], stride, (1, 1))[0]  # (b, n), one copy
     system = tc.gram(rows) / rows.shape[0] + lam * torch.eye(n, dtype=x.dtype)
     chol, _ = torch.linalg.cholesky_ex(system)
-    grad_w = torch.cholesky_solve(grad_w.reshape(m, n).T, chol).T
+    # grad_w L^-T L^-1, from the right: faster on CPU for many rows (see tract_core._backends)
+    rows = torch.linalg.solve_triangular(chol.T, grad_w.reshape(m, n), upper=True, left=False)
+    grad_w = torch.linalg.solve_triangular(chol, rows, upper=False, left=False)
     return z, grad_w.reshape(weight.shape), grad_b
 
 

@@ -75,10 +75,11 @@ def test_woodbury_and_gram_forms_agree(xp):
     assert_close(woodbury, to_numpy(gram_form), 1e-12)
 
 
-def test_precondition_solves_the_system(xp):
+@pytest.mark.parametrize("m", [3, 100])  # few and many right-hand sides (torch: two ways)
+def test_precondition_solves_the_system(xp, m):
     """precondition(P, K, b, lam) @ (K / b + lam I) == P: the defining equation."""
     rng = np.random.default_rng(2)
-    x, plain = rng.standard_normal((40, 6)), rng.standard_normal((3, 6))
+    x, plain = rng.standard_normal((40, 6)), rng.standard_normal((2, m, 6))
     out = to_numpy(tc.precondition(asarray(xp, plain), tc.gram(asarray(xp, x)), 40, 0.1))
     np.testing.assert_allclose(out @ (x.T @ x / 40 + 0.1 * np.eye(6)), plain, rtol=1e-12,
                                atol=1e-13)
@@ -210,10 +211,11 @@ def test_conv_gram_on_random_geometries(frame, chunk, monkeypatch):
                                    err_msg=f"{kernel} {stride} {dilation} {groups} {x.shape}")
 
 
-def test_wide_gram_is_blocked_but_exact(xp):
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((50, 700))
-    assert_close(tc.gram(asarray(xp, x)), x.T @ x, 1e-14)
+@pytest.mark.parametrize("shape", [(50, 700), (2, 30, 129), (40, 257)])
+def test_wide_gram_by_halves_is_exact(xp, shape):
+    """Wide Grams, in blocks or by halves per backend, are exact (uneven splits, batch axes)."""
+    x = np.random.default_rng(7).standard_normal(shape)
+    assert_close(tc.gram(asarray(xp, x)), np.swapaxes(x, -1, -2) @ x, 1e-14)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)

@@ -83,6 +83,8 @@ def gram(x, *, xp=None):
     """
     xp = _namespace(x, xp=xp)
     x = xp.astype(x, _compute_dtype(xp, x.dtype), copy=False)
+    if getattr(backend(xp), "gram_by_halves", False):
+        return _halving_gram(xp, x)
     n = x.shape[-1]
     if n < 2 * _GRAM_BLOCK:
         return xp.matmul(_mT(xp, x), x)
@@ -98,6 +100,27 @@ def gram(x, *, xp=None):
 
 
 _GRAM_BLOCK = 192  # columns per block of a wide Gram
+
+
+def _halving_gram(xp, x):
+    """X^T X as [[L^T L, L^T R], [R^T L, R^T R]] for X = [L R], the off-diagonal block
+    computed once and each diagonal one the same way (a recursive SYRK): for wide rows
+    (ViT patches, n = 768) 56% of one big matmul's flops, in fewer and larger products
+    than blocks of 192 columns. Splits at multiples of 32 columns, which BLAS multiplies
+    fastest.
+    """
+    n = x.shape[-1]
+    if n <= _GRAM_LEAF:
+        return xp.matmul(_mT(xp, x), x)
+    half = max(32, round(n / 64) * 32)
+    left, right = x[..., :half], x[..., half:]
+    cross = xp.matmul(_mT(xp, left), right)
+    return xp.concat([xp.concat([_halving_gram(xp, left), cross], axis=-1),
+                      xp.concat([_mT(xp, cross), _halving_gram(xp, right)], axis=-1)],
+                     axis=-2)
+
+
+_GRAM_LEAF = 128  # columns up to which a Gram is one plain matmul
 
 
 def precondition(grad_w, gram, count, lam, *, xp=None):

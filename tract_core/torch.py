@@ -115,10 +115,19 @@ def _linear_weight_grad(x, grad_z, weight, options):
 def _correlate(g, y, kernel_shape):
     """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u], by torch's conv weight-grad kernel."""
     d = len(kernel_shape)
+    if d == 2 and y.device.type == "cpu" and _CHANNELS_LAST_CORRELATION:
+        # oneDNN's channels-last kernel: measured on CPU, conv_gram in 0.78-0.92x the time
+        # for strided stems (7x7/2, 5x5/2, 4x4/2, 3x3/2 on 1-6 channels; the 7x7/2 ImageNet
+        # stem's 52 ms down to 40) and 0.96-1.07x for the other shapes tried; and nearer
+        # float64 (that stem: 2.7e-5 against 7.8e-5 relative error).
+        y = y.contiguous(memory_format=torch.channels_last)
     weight = g.new_empty(1).expand(g.shape[1], y.shape[1], *kernel_shape)
     return torch.ops.aten.convolution_backward(
         g, y, weight, None, [1] * d, [0] * d, [1] * d, False, [0] * d, 1,
         [False, True, False])[1]
+
+
+_CHANNELS_LAST_CORRELATION = True  # see _correlate
 
 
 # Overlapping patches of at most this many entries per group (C/g * prod(kernel)) go

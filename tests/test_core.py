@@ -79,7 +79,7 @@ def test_woodbury_and_gram_forms_agree(xp):
 def test_precondition_solves_the_system(xp, m):
     """precondition(P, K, b, lam) @ (K / b + lam I) == P: the defining equation."""
     rng = np.random.default_rng(2)
-    x, plain = rng.standard_normal((40, 6)), rng.standard_normal((2, m, 6))
+    x, plain = rng.standard_normal((40, 6)), rng.standard_normal((m, 6))
     out = to_numpy(tc.precondition(asarray(xp, plain), tc.gram(asarray(xp, x)), 40, 0.1))
     np.testing.assert_allclose(out @ (x.T @ x / 40 + 0.1 * np.eye(6)), plain, rtol=1e-12,
                                atol=1e-13)

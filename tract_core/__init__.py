@@ -20,6 +20,7 @@ from ._core import (
     gram,
     precondition,
     precondition_rows,
+    statistics_dtype,
     weight_grad,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "gram",
     "precondition",
     "precondition_rows",
+    "statistics_dtype",
     "weight_grad",
 ]
 __version__ = "0.1.0"

@@ -26,6 +26,10 @@ class _Generic:
     def __init__(self, xp):
         self.xp = xp
 
+    def has_float64(self, device):
+        """Whether float64 arrays can live on ``device`` (the core's statistics dtype)."""
+        return True
+
     def constant(self, key, array, dtype, device):
         """``array`` (numpy) on ``device``; ``key`` names it for backends that cache."""
         return self.xp.asarray(array, dtype=dtype, device=device)
@@ -73,6 +77,10 @@ class _Torch(_Generic):
         return found
 
     @staticmethod
+    def has_float64(device):
+        return getattr(device, "type", device) != "mps"  # Apple GPUs have no float64
+
+    @staticmethod
     def frame_strips(x):
         """conv_gram's frame strips as one product per position, on the rows reading
         outside, on CPU (measured, 7x7/2 stem: frame 14-19% faster); elsewhere masked
@@ -103,10 +111,17 @@ class _Jax(_Generic):
     # constant: jnp.asarray, a compile-time constant under jit (a cache would leak tracers).
 
     def __init__(self, xp):
+        import jax
         from jax import lax
 
         self.xp = xp
         self.lax = lax
+        self.jax = jax
+
+    def has_float64(self, device):
+        # Without jax_enable_x64 (or a jax.enable_x64 context while tracing) JAX turns
+        # float64 into float32; the JAX adapter traces its backward with float64 enabled.
+        return self.jax.dtypes.canonicalize_dtype(self.jax.numpy.float64) == "float64"
 
     def spd_solve(self, a, rhs):
         # jnp's Cholesky returns NaN where the factorization fails; that flows on.

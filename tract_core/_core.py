@@ -13,8 +13,9 @@ b x b system::
     dW = G^T (X X^T / b + lam I)^-1 X                     (Woodbury form)
 
 Every function takes optional leading batch dimensions (one system per conv group).
-Inputs in float16/bfloat16 are accumulated and solved in float32; results come back in
-the input's dtype, on the input's device.
+The Gram, the system and its solve are computed in float64 wherever the array library
+has it on the arrays' device (see :func:`statistics_dtype`); results come back in the
+input's dtype, on the input's device.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "gram",
     "precondition",
     "precondition_rows",
+    "statistics_dtype",
     "weight_grad",
 ]
 
@@ -57,11 +59,33 @@ def _namespace(*arrays, xp=None):
     return xp if xp is not None else array_api_compat.array_namespace(*arrays)
 
 
-def _compute_dtype(xp, dtype):
-    """float16/bfloat16 -> float32; float32/float64 stay."""
+def _compute_dtype(xp, dtype, name="x"):
+    """The dtype of the plain products (G^T X): float16/bfloat16 -> float32, else dtype."""
     if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"expected a real floating dtype, got {dtype}")
+        raise TypeError(f"{name} must have a real floating dtype, got {dtype}")
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def statistics_dtype(xp, dtype, device=None, name="x"):
+    """The dtype TrAct's Gram, system and solve are computed in: float64 wherever the
+    array library has it on ``device``, else float32 (float64 input stays float64).
+
+    Pixel-scale patches (entries up to 255, neighbours strongly correlated) give
+    systems ``X^T X / b + lam I`` of condition 1e7-1e8 at lam = 0.1. A Gram summed in
+    float32 loses their small eigenvalues (weight gradients off by 1e-2 to 1e-1, or a
+    failed Cholesky); products of float32 entries are exact in float64, so a float64
+    sum keeps them.
+    """
+    _compute_dtype(xp, dtype, name)
+    if backend(xp).has_float64(device):
+        return xp.float64
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def _check_lam_fits(xp, lam, dtype):
+    if lam >= xp.finfo(dtype).max:
+        raise ValueError(f"lam must be below the largest {dtype} ({xp.finfo(dtype).max}), "
+                         f"the dtype of the solve; got {lam!r}")
 
 
 def _eye(xp, size, like):
@@ -79,10 +103,10 @@ def gram(x, *, xp=None):
         x: (..., b, n) rows (patches or tokens).
 
     Returns:
-        (..., n, n) in the compute dtype (float32 for float16/bfloat16 input).
+        (..., n, n) in :func:`statistics_dtype` (float64 where the library has it).
     """
     xp = _namespace(x, xp=xp)
-    x = xp.astype(x, _compute_dtype(xp, x.dtype), copy=False)
+    x = xp.astype(x, statistics_dtype(xp, x.dtype, array_api_compat.device(x)), copy=False)
     if getattr(backend(xp), "gram_by_halves", False):
         return _halving_gram(xp, x)
     n = x.shape[-1]
@@ -129,7 +153,8 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
     Args:
         grad_w: (..., m, n) the plain layer's weight gradient, ``G^T X``.
         gram: (..., n, n) ``X^T X`` from :func:`gram` (possibly summed over replicas).
-        count: b, the number of rows the Gram sums over (a number or a 0-d array).
+        count: b, the number of rows the Gram sums over (a number, or a 0-d array > 0).
+            With no rows (b = 0) grad_w and the Gram are zero, and so is the result.
         lam: finite float > 0.
 
     Returns:
@@ -137,7 +162,10 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
     """
     lam = check_lam(lam)
     xp = _namespace(grad_w, gram, xp=xp)
-    dtype = _compute_dtype(xp, gram.dtype)
+    dtype = statistics_dtype(xp, gram.dtype, array_api_compat.device(gram), "gram")
+    _check_lam_fits(xp, lam, dtype)
+    if isinstance(count, numbers.Number):
+        count = max(count, 1)  # b = 0: a zero Gram over one row, lam I, a zero result
     gram = xp.astype(gram, dtype, copy=False)
     system = gram / count + lam * _eye(xp, gram.shape[-1], gram)
     # grad_w A^-1 = (A^-1 grad_w^T)^T since A is symmetric.
@@ -164,7 +192,8 @@ def precondition_rows(grad_w, x, lam, *, xp=None):
     b, n = x.shape[-2], x.shape[-1]
     if b >= n:
         return precondition(grad_w, gram(x, xp=xp), b, lam, xp=xp)
-    dtype = _compute_dtype(xp, x.dtype)
+    dtype = statistics_dtype(xp, x.dtype, array_api_compat.device(x))
+    _check_lam_fits(xp, lam, dtype)
     x = xp.astype(x, dtype, copy=False)
     gw = xp.astype(grad_w, dtype, copy=False)
     system = xp.matmul(x, _mT(xp, x)) + (b * lam) * _eye(xp, b, x)
@@ -195,10 +224,15 @@ def weight_grad(x, grad_z, lam=0.1, *, xp=None):
             f"grad_z must have shape (..., b, m) matching x {tuple(x.shape)} in all but "
             f"the last axis, got shape {tuple(grad_z.shape)}"
         )
+    _compute_dtype(xp, grad_z.dtype, "grad_z")
     if x.dtype != grad_z.dtype:
         raise TypeError(f"x and grad_z must share a dtype, got {x.dtype} and {grad_z.dtype}")
     b, n = x.shape[-2], x.shape[-1]
-    dtype = _compute_dtype(xp, x.dtype)
+    device = array_api_compat.device(x)
+    dtype = statistics_dtype(xp, x.dtype, device)
+    _check_lam_fits(xp, lam, dtype)
+    if b == 0:  # no rows: G^T X, and so TrAct's gradient, is zero
+        return xp.zeros((*x.shape[:-2], grad_z.shape[-1], n), dtype=x.dtype, device=device)
     xc = xp.astype(x, dtype, copy=False)
     gc = xp.astype(grad_z, dtype, copy=False)
     if b >= n:
@@ -348,12 +382,23 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
         kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
 
     Returns:
-        ``(grad_w, gram, grad_bias)``: (groups, M/g, n_g), (groups, n_g, n_g) and (M,), in
-        x's compute dtype (float32 for float16/bfloat16 x).
+        ``(grad_w, gram, grad_bias)``: (groups, M/g, n_g), (groups, n_g, n_g) and (M,);
+        the gradients in x's compute dtype (float32 for float16/bfloat16 x), the Gram in
+        :func:`statistics_dtype`. The products are computed in the latter.
     """
     xp = _namespace(x, grad_z, xp=xp)
-    dtype = _compute_dtype(xp, x.dtype)
-    x = xp.astype(x, dtype, copy=False)
+    plain_dtype = _compute_dtype(xp, x.dtype)
+    dtype = statistics_dtype(xp, x.dtype, array_api_compat.device(x))
+    grad_w, patch_gram, grad_bias = _conv_moments(
+        xp, xp.astype(x, dtype, copy=False), xp.astype(grad_z, dtype, copy=False),
+        kernel_size, stride, dilation, groups)
+    return (xp.astype(grad_w, plain_dtype, copy=False), patch_gram,
+            xp.astype(grad_bias, plain_dtype, copy=False))
+
+
+def _conv_moments(xp, x, grad_z, kernel_size, stride, dilation, groups):
+    """:func:`conv_moments` on x and grad_z of one dtype, every result in it."""
+    dtype = x.dtype
     g, m = groups, grad_z.shape[1]
     n_g = x.shape[1] // g * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])
@@ -362,7 +407,7 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
         out = conv_output_shape(x.shape[2:], kernel_size, stride, dilation)
         step = max(1, _PATCH_CHUNK // (g * (n_g + 1) * positions))
         moment = gram_ones = 0
-        for lo in range(0, x.shape[0], step):
+        for lo in range(0, max(x.shape[0], 1), step):  # no images: one empty chunk, zeros
             patches = _tap_major_patches(xp, x[lo:lo + step], kernel_size, stride,
                                          dilation, g, out)  # (images, g, n_g + 1, L)
             # The Gram with the ones row too: 28 wide measured faster than 27 (3x3 stem).
@@ -609,10 +654,11 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
             per shift.
 
     Returns:
-        (groups, n_g, n_g) in the compute dtype, equal to ``gram(conv_patches(x, ...))``.
+        (groups, n_g, n_g) in :func:`statistics_dtype`, equal to
+        ``gram(conv_patches(x, ...))``.
     """
     xp = _namespace(x, xp=xp)
-    x = xp.astype(x, _compute_dtype(xp, x.dtype), copy=False)
+    x = xp.astype(x, statistics_dtype(xp, x.dtype, array_api_compat.device(x)), copy=False)
     if groups > 1:
         size = x.shape[1] // groups
         return xp.concat([conv_gram(x[:, i * size:(i + 1) * size], kernel_size, stride,

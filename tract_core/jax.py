@@ -78,9 +78,10 @@ __all__ = ["conv", "dense"]
 
 
 def _compute_dtype(*dtypes):
-    """The dtype TrAct's statistics are accumulated and solved in: float32 at least."""
-    dtype = jnp.result_type(*dtypes)
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+    """The dtype of TrAct's products, G^T X and the Gram, and of the solve: the core's
+    statistics dtype (float64 while the backward is traced, see _tract_op), since the
+    solve amplifies their rounding errors."""
+    return _tc.statistics_dtype(jnp, jnp.result_type(*dtypes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,10 +414,12 @@ def _tract_op(layer):
 
     def segment_kernel_grads(x, grad_z, kernel):
         """x (S, *x_shape), grad_z (S, *z_shape) -> (S, *kernel.shape) shares."""
-        # Full float32 matmuls for the Gram and the solve, whatever the global default
-        # (TF32 on GPUs loses the digits [0, 255]-scale pixels need). Set here, where it
-        # is traced, since parts of it (its vjp, the vmap rules) are traced late.
-        with jax.default_matmul_precision("highest"):
+        # The Gram and the solve in float64 (the core's statistics dtype, which JAX
+        # turns into float32 unless 64-bit types are enabled) and full-precision
+        # matmuls, whatever the global defaults (TF32 on GPUs loses the digits
+        # [0, 255]-scale pixels need). Set here, where it is traced, since parts of it
+        # (its vjp, the vmap rules) are traced late.
+        with jax.enable_x64(True), jax.default_matmul_precision("highest"):
             shares = _segment_weight_grads(layer, x, grad_z, kernel)
             return layer.to_kernel_layout(shares, kernel).astype(kernel.dtype)
 

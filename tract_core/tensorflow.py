@@ -94,6 +94,7 @@ class _TFNamespace:
     """
 
     float32 = tf.float32
+    float64 = tf.float64
     linalg = types.SimpleNamespace(matrix_transpose=_matrix_transpose)
     where = staticmethod(tf.where)
 
@@ -121,7 +122,12 @@ class _TFNamespace:
 
     @staticmethod
     def finfo(dtype):
-        return types.SimpleNamespace(bits=tf.as_dtype(dtype).size * 8)
+        dtype = tf.as_dtype(dtype)
+        return types.SimpleNamespace(bits=dtype.size * 8, max=dtype.max)
+
+    @staticmethod
+    def has_float64(device):
+        return True
 
     @staticmethod
     def astype(x, dtype, /, *, copy=True):
@@ -220,8 +226,9 @@ _TF = _TFNamespace()
 
 
 def _compute_dtype(dtype):
-    """float16/bfloat16 -> float32 (the Gram and the solve); float32/float64 stay."""
-    return tf.float32 if tf.as_dtype(dtype).size < 4 else tf.as_dtype(dtype)
+    """The dtype of TrAct's products, G^T X and the Gram, and of the solve: the core's
+    statistics dtype (float64), since the solve amplifies their rounding errors."""
+    return _tc.statistics_dtype(_TF, tf.as_dtype(dtype))
 
 
 # --------------------------------------------------------------------------- backward

@@ -54,9 +54,10 @@ class _Options:
 
 
 def _compute_dtype(x, grad_z):
-    """float32 for half-precision operands (autocast, bf16 models), else their promotion."""
-    dtype = torch.promote_types(x.dtype, grad_z.dtype)
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype of TrAct's products, G^T X and the Gram, and of the solve: the core's
+    statistics dtype (float64 but on devices without it), since the solve amplifies
+    their rounding errors."""
+    return _tc.statistics_dtype(_xp, torch.promote_types(x.dtype, grad_z.dtype), x.device)
 
 
 def _tf32_off(device):
@@ -303,7 +304,8 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                          f"'circular', got {padding_mode!r}")
     active = _tract_active(weight)
     if active:
-        weight_in, bias_in = weight.detach(), None if bias is None else bias.detach()
+        # The bias stays with autograd: its gradient is the plain layer's, bit for bit.
+        weight_in, bias_in = weight.detach(), bias
     else:
         weight_in, bias_in = weight, bias
     if padding_mode == "zeros":
@@ -315,8 +317,8 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         return z
     geometry = _ConvGeometry(torch_pad, padding_mode, stride, dilation, groups)
     if x.ndim == d + 1:  # unbatched: the backward sees a batch of one
-        return _TrActGrads.apply(z[None], weight, bias, x[None], options, geometry)[0]
-    return _TrActGrads.apply(z, weight, bias, x, options, geometry)
+        return _TrActGrads.apply(z[None], weight, None, x[None], options, geometry)[0]
+    return _TrActGrads.apply(z, weight, None, x, options, geometry)
 
 
 class _TrAct:

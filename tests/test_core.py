@@ -1,5 +1,6 @@
 """The backend-neutral core, one test body per property, run on every array library."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -135,8 +136,8 @@ def test_shape_and_dtype_errors_name_the_argument(xp):
 
 
 @pytest.mark.parametrize("b", [40, 3])
-def test_low_precision_accumulates_in_float32(xp, b):
-    """float16 in, float16 out; computed in float32, so close to the float64 result."""
+def test_low_precision_accumulates_in_float64(xp, b):
+    """float16 in, float16 out; computed in float64, so close to the float64 result."""
     rng = np.random.default_rng(4)
     x, g = rng.standard_normal((b, 6)), rng.standard_normal((b, 2))
     out = tc.weight_grad(asarray(xp, x, xp.float16), asarray(xp, g, xp.float16), 0.1)
@@ -158,6 +159,108 @@ def test_nan_and_inf_flow_through_as_nan(xp, b, bad):
     g[0, 0], x[1, 2] = bad, 0.0
     out = to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1))
     assert not np.isfinite(out).all()
+
+
+def smooth_pixels(rng, shape, cell=8):
+    """[0, 255] images (N, C, H, W), bilinear between uniform values every ``cell``
+    pixels: neighbours strongly correlated, as in photos."""
+    n, c, h, w = shape
+    coarse = rng.uniform(0, 255, (n, c, h // cell + 2, w // cell + 2))
+    rows, cols = np.arange(h) / cell, np.arange(w) / cell
+    r0, c0 = rows.astype(int), cols.astype(int)
+    fr, fc = (rows - r0)[:, None], cols - c0
+    at = lambda i, j: coarse[:, :, i][:, :, :, j]
+    return ((1 - fr) * ((1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1))
+            + fr * ((1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)))
+
+
+def explicit_rows(images, k, s):
+    """(N * L, C * k * k) patch rows of an unpadded k x k / s conv, by numpy windows."""
+    windows = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(2, 3))
+    windows = windows[:, :, ::s, ::s]  # (N, C, H', W', k, k)
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)
+
+
+@pytest.mark.parametrize("k, s, size", [(7, 2, 38), (3, 1, 16), (4, 4, 32), (16, 16, 64)],
+                         ids=["stem7x7s2", "stem3x3", "patch4", "patch16"])
+def test_float32_pixel_range_smooth_images_match_float64(xp, k, s, size):
+    """Smooth [0, 255] images give systems of condition 1e7-1e8: the float32 gradient
+    must still match float64 (statistics in float64), through every core entry point."""
+    rng = np.random.default_rng(9)
+    images = np.round(smooth_pixels(rng, (3, 3, size, size)))
+    x64 = explicit_rows(images, k, s)
+    g64 = rng.standard_normal((x64.shape[0], 8))
+    b, n = x64.shape
+    assert np.linalg.cond(x64.T @ x64 / b + 0.1 * np.eye(n)) > 1e6  # the hard case
+    with float64_enabled(xp):
+        check_smooth_images(xp, images, x64, g64, k, s, size)
+
+
+def check_smooth_images(xp, images, x64, g64, k, s, size):
+    b, n = x64.shape
+    x32, g32 = asarray(xp, x64, xp.float32), asarray(xp, g64, xp.float32)
+    x32_64 = to_numpy(x32).astype(np.float64)  # the float32 data, exactly
+    expected = np.linalg.solve(x32_64.T @ x32_64 / b + 0.1 * np.eye(n),
+                               x32_64.T @ to_numpy(g32).astype(np.float64)).T
+    assert_close(tc.weight_grad(x32, g32, 0.1), expected, 1e-6, "weight_grad")
+    # The solve amplifies the plain gradient's rounding as well: G^T X in float64 too.
+    wide = tc.statistics_dtype(xp, x32.dtype)
+    plain = xp.matmul(xp.linalg.matrix_transpose(xp.astype(g32, wide)), xp.astype(x32, wide))
+    assert_close(tc.precondition(plain, tc.gram(x32), b, 0.1), expected, 1e-6, "precondition")
+    padded = asarray(xp, images, xp.float32)
+    out = (size - k) // s + 1
+    grads = asarray(xp, g64.reshape(3, out, out, 8).transpose(0, 3, 1, 2), xp.float32)
+    plain, gram, _ = tc.conv_moments(padded, grads, (k, k), (s, s), (1, 1))
+    assert gram.dtype == xp.float64
+    assert_close(tc.precondition(plain, gram, b, 0.1)[0], expected, 1e-6, "conv_moments")
+    gram = tc.conv_gram(padded, (k, k), (s, s), (1, 1))
+    assert_close(tc.precondition(plain, gram, b, 0.1)[0], expected, 1e-6, "conv_gram")
+
+
+def float64_enabled(xp):
+    """JAX makes float64 arrays only with 64-bit types on (its adapter enables them while
+    tracing its backward); other libraries always do."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_statistics_dtype_is_float64(xp, dtype):
+    with float64_enabled(xp):
+        assert tc.statistics_dtype(xp, getattr(xp, dtype)) == xp.float64
+    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+        tc.statistics_dtype(xp, xp.int32)
+
+
+def test_no_rows_give_a_zero_gradient(xp):
+    """An empty batch (the last batch of a filtered loader): zeros, like G^T X."""
+    empty_x, empty_g = asarray(xp, np.ones((0, 5))), asarray(xp, np.ones((0, 3)))
+    assert_close(tc.weight_grad(empty_x, empty_g, 0.1), np.zeros((3, 5)), 0, "weight_grad")
+    zeros = asarray(xp, np.zeros((3, 5)))
+    assert_close(tc.precondition(zeros, asarray(xp, np.zeros((5, 5))), 0, 0.1),
+                 np.zeros((3, 5)), 0, "precondition")
+    images, grads = asarray(xp, np.ones((0, 2, 6, 6))), asarray(xp, np.ones((0, 4, 4, 4)))
+    plain, gram, bias = tc.conv_moments(images, grads, (3, 3), (1, 1), (1, 1))
+    for name, value, shape in (("plain", plain, (1, 4, 18)), ("gram", gram, (1, 18, 18)),
+                               ("bias", bias, (4,))):
+        assert_close(value, np.zeros(shape), 0, name)
+    assert_close(tc.conv_gram(images, (3, 3), (1, 1), (1, 1)), np.zeros((1, 18, 18)), 0,
+                 "conv_gram")
+
+
+def test_lam_must_fit_the_dtype_of_the_solve(xp, monkeypatch):
+    """A lam past float32's range works in float64; where only float32 exists, an error
+    naming lam rather than an infinite system."""
+    rng = np.random.default_rng(3)
+    x, g = rng.standard_normal((20, 4)), rng.standard_normal((20, 2))
+    out = tc.weight_grad(asarray(xp, x, xp.float32), asarray(xp, g, xp.float32), 1e39)
+    assert_close(out, (g.T @ x) / 1e39, 1e-6, "huge lam")
+    monkeypatch.setattr(type(_backends.backend(xp)), "has_float64", lambda self, device: False)
+    with pytest.raises(ValueError, match="lam must be below"):
+        tc.weight_grad(asarray(xp, x, xp.float32), asarray(xp, g, xp.float32), 1e39)
 
 
 def test_importing_the_core_imports_no_framework():

@@ -118,12 +118,9 @@ def make_layer(case, tract, dtype, data_format="channels_last"):
 # --------------------------------------------------------------------------- autodiff
 
 
-def forward_backward(layer, x, grad_z, tf_graph=False):
-    """z and the gradients of <z, grad_z> w.r.t. x, kernel, [bias]; numpy arrays.
-
-    tf_graph: on TensorFlow, run inside tf.function (eager Conv3D gradients without
-    dilation fail in TF 2.21 itself, plain layer included).
-    """
+def forward_backward(layer, x, grad_z):
+    """z and the gradients of <z, grad_z> w.r.t. x, kernel, [bias]; numpy arrays (eager
+    on TensorFlow and torch, jitted on JAX)."""
     if BACKEND == "tensorflow":
         tf = framework
 
@@ -135,8 +132,6 @@ def forward_backward(layer, x, grad_z, tf_graph=False):
                                   output_gradients=tf.cast(grad_z, z.dtype))
             return [z, *grads]
 
-        if tf_graph:
-            run = tf.function(run)
         return [np.asarray(t) for t in run(tf.constant(x), tf.constant(grad_z))]
     if BACKEND == "torch":
         torch = framework
@@ -241,6 +236,7 @@ def reference_conv_kernel_grad(x, grad_z, kernel_size, strides, dilation, pads, 
     ("Conv2D", (2, 9, 7, 2), dict(kernel_size=(4, 2), padding="same")),  # pads (1, 2), (0, 1)
     ("Conv1D", (4, 12, 3), dict(kernel_size=3, padding="causal", dilation_rate=2)),
     ("Conv3D", (2, 6, 5, 4, 1), dict(kernel_size=2, strides=2, padding="same")),
+    ("Conv3D", (2, 4, 5, 3, 2), dict(kernel_size=(2, 3, 1), padding="valid")),
 ])
 def test_keras_padding_options_match_plain_layer(layer_name, x_shape, options):
     rng = np.random.default_rng(1)
@@ -252,13 +248,17 @@ def test_keras_padding_options_match_plain_layer(layer_name, x_shape, options):
     tract.build(x_shape)
     tract.set_weights(plain.get_weights())
     grad_z = rng.normal(size=tuple(plain.compute_output_shape(x_shape))).astype(np.float32)
-    z_p, grad_x_p, *_ = forward_backward(plain, x, grad_z, tf_graph=rank == 3)
-    z, grad_x, grad_kernel, _ = forward_backward(tract, x, grad_z, tf_graph=rank == 3)
+    # Eager on TensorFlow: the 3-D input gradient too (tf.nn.convolution's fails there
+    # unless the data format is named, as Keras names it).
+    z_p, grad_x_p, *_ = forward_backward(plain, x, grad_z)
+    z, grad_x, grad_kernel, _ = forward_backward(tract, x, grad_z)
     np.testing.assert_array_equal(z, z_p)
     np.testing.assert_array_equal(grad_x, grad_x_p)
     kernel_size, strides = tract.kernel_size, tract.strides
     if options["padding"] == "causal":
         pads = [(tract.dilation_rate[0] * (kernel_size[0] - 1), 0)]
+    elif options["padding"] == "valid":
+        pads = [(0, 0)] * rank
     else:
         pads = tf_same_pads(x_shape[1:-1], kernel_size, strides, (1,) * rank)
     expected = reference_conv_kernel_grad(x, grad_z, kernel_size, strides, tract.dilation_rate,
@@ -365,7 +365,7 @@ def test_wrap_copies_config_and_weights():
         tk.wrap(keras.layers.LSTM(3))
 
 
-@pytest.mark.parametrize("lam", [0, -1.0, math.nan, math.inf, "0.1", None])
+@pytest.mark.parametrize("lam", [0, -1.0, math.nan, math.inf, "0.1", None, True])
 def test_bad_lam_raises_value_error(lam):
     with pytest.raises(ValueError, match="lam"):
         tk.TrActDense(3, lam=lam)
@@ -373,6 +373,76 @@ def test_bad_lam_raises_value_error(lam):
         tk.TrActConv2D(4, 3, lam=lam)
     with pytest.raises(ValueError, match="lam"):
         tk.wrap(keras.layers.Conv1D(2, 3), lam=lam)
+
+
+@pytest.mark.parametrize("layer", [
+    keras.layers.Conv2DTranspose(2, 3), keras.layers.DepthwiseConv2D(3),
+    keras.layers.SeparableConv2D(2, 3), keras.layers.BatchNormalization(),
+    keras.layers.EinsumDense("ab,bc->ac", 3),
+], ids=lambda layer: type(layer).__name__)
+def test_wrap_of_unsupported_layer_raises_type_error_naming_it(layer):
+    with pytest.raises(TypeError, match=f"got layer of type {type(layer).__name__}"):
+        tk.wrap(layer)
+
+
+@pytest.mark.parametrize("name", ["Dense", "Conv2D"])
+def test_integer_inputs_are_promoted_as_the_plain_layer_promotes_them(name):
+    """uint8 pixels or int tokens: the forward is the plain layer's on the promoted
+    inputs, the kernel gradient TrAct's of those; complex inputs raise a TypeError."""
+    rng = np.random.default_rng(4)
+    shape, units = ((5, 4), 3) if name == "Dense" else ((2, 5, 5, 2), 3)
+    x = rng.integers(0, 256, size=shape).astype(np.uint8)
+    kwargs = dict(kernel_size=3) if name == "Conv2D" else {}
+    plain = getattr(keras.layers, name)(units, **kwargs)
+    tract = getattr(tk, f"TrAct{name}")(units, lam=0.1, **kwargs)
+    plain.build(shape)
+    tract.build(shape)
+    tract.set_weights(plain.get_weights())
+    z = keras.ops.convert_to_numpy(tract(x))
+    assert z.dtype == np.float32
+    # Keras's own conv refuses integers on TF and torch: compare with float inputs there.
+    x_plain = x if name == "Dense" else x.astype(np.float32)
+    np.testing.assert_array_equal(z, keras.ops.convert_to_numpy(plain(x_plain)))
+    grad_z = rng.normal(size=z.shape).astype(np.float32)
+    _, _, grad_kernel, _ = forward_backward(tract, x.astype(np.float32), grad_z)
+    if name == "Dense":
+        expected = tract_core.weight_grad(x.astype(np.float64), grad_z.astype(np.float64),
+                                          0.1).T
+    else:
+        expected = reference_conv_kernel_grad(x, grad_z, (3, 3), (1, 1), (1, 1),
+                                              [(0, 0), (0, 0)], 0.1)
+    assert_close(grad_kernel, expected, 1e-4, "grad_kernel")
+    with pytest.raises(TypeError, match=r"real inputs.*complex64"):
+        tract(x.astype(np.complex64))
+
+
+@pytest.mark.parametrize("layer_name, x_shape, options", [
+    ("Conv2D", (1, 2, 2, 3), dict(kernel_size=3)),
+    ("Conv3D", (1, 2, 5, 5, 1), dict(kernel_size=3, dilation_rate=2)),
+])
+def test_kernel_that_does_not_fit_raises_value_error(layer_name, x_shape, options):
+    layer = getattr(tk, f"TrAct{layer_name}")(2, lam=0.1, **options)
+    with pytest.raises(ValueError, match=r"zero or negative|does not fit"):
+        layer(np.ones(x_shape, np.float32))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow",
+                    reason="Keras's JAX and torch trainers refuse an empty batch themselves")
+@pytest.mark.parametrize("name", ["Dense", "Conv2D"])
+def test_train_on_empty_batch_leaves_weights_unchanged(name):
+    """Keras retraces train_on_batch for any batch size: the empty batch's kernel gradient
+    is G^T X = 0 (was NaN, 0 rows / 0), so SGD moves nothing."""
+    layer, shape = ((tk.TrActDense(3, lam=0.1), (6,)) if name == "Dense"
+                    else (tk.TrActConv2D(2, 3, padding="same", lam=0.1), (5, 5, 2)))
+    model = sgd_model(layer, shape)
+    outputs = model.output_shape[-1]
+    rng = np.random.default_rng(5)
+    model.train_on_batch(rng.normal(size=(3, *shape)).astype(np.float32),
+                         rng.normal(size=(3, outputs)).astype(np.float32))
+    before = model.get_weights()
+    model.train_on_batch(np.zeros((0, *shape), np.float32), np.zeros((0, outputs), np.float32))
+    for new, old in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(new, old)
 
 
 # --------------------------------------------------------------------------- precision

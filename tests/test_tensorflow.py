@@ -359,3 +359,177 @@ def test_gram_before_filter_gradient_keeps_results(mode, monkeypatch):
     _, _, grad_kernel, _ = value_and_grads(tract_op(case), tf.constant(x), kernel, bias, grad_z,
                                            mode)
     assert np.isnan(grad_kernel).all()
+
+
+# --------------------------------------------------------------------------- geometries
+
+
+def explicit_rows(x, window, strides, dilation, pads, groups):
+    """(g, N * L, C/g * K) receptive fields of channels-last x, any dimensionality, columns
+    (channel, *window) per group: one strided slice per kernel offset, in numpy."""
+    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [(size - d * (k - 1) - 1) // s + 1
+           for size, k, s, d in zip(x.shape[1:-1], window, strides, dilation)]
+    taps = [x[(slice(None), *(slice(o * d, o * d + s * (n - 1) + 1, s)
+                              for o, d, s, n in zip(offsets, dilation, strides, out)))]
+            for offsets in np.ndindex(*window)]  # each (N, *out, C)
+    rows = np.stack(taps, axis=-1).reshape(-1, groups, x.shape[-1] // groups * len(taps))
+    return np.transpose(rows, (1, 0, 2)), out
+
+
+def conv_reference(x, grad_z, window, strides=None, dilation=None, pads=None, groups=1,
+                   lam=0.1):
+    """TrAct's conv kernel gradient in float64 from explicit patches, TF layout."""
+    d = len(window)
+    strides, dilation = strides or (1,) * d, dilation or (1,) * d
+    rows, _ = explicit_rows(x, window, strides, dilation, pads or [(0, 0)] * d, groups)
+    m = grad_z.shape[-1]
+    grads = np.transpose(grad_z.reshape(-1, groups, m // groups), (1, 0, 2))
+    weight = np.concatenate([tract_reference(r, g, lam) for r, g in zip(rows, grads)])
+    return to_tf_kernel(weight.reshape(m, x.shape[-1] // groups, *window))
+
+
+def kernel_grad_fn(mode, kernel, x_shape, grad_z_shape, **options):
+    """(x, grad_z) -> TrAct's conv kernel gradient, eager or traced with the batch size
+    unknown (as Keras traces), with or without XLA."""
+    kernel = tf.constant(kernel)
+
+    def run(x, grad_z):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            z = ttf.conv(x, kernel, **options)
+        return tape.gradient(z, kernel, output_gradients=grad_z)
+
+    if mode == "eager":
+        return run
+    unknown = [tf.TensorSpec((None, *x_shape[1:]), tf.float64),
+               tf.TensorSpec((None, *grad_z_shape[1:]), tf.float64)]
+    return tf.function(run, input_signature=unknown, jit_compile=mode == "xla")
+
+
+def test_conv3d_eager_input_gradient_is_the_plain_ops():
+    """3-D convolution, eager: the input gradient is Keras's tf.nn.convolution's (data
+    format named), bit for bit, and the kernel gradient TrAct's."""
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.normal(size=(2, 5, 6, 4, 2)))
+    kernel = tf.constant(rng.normal(size=(2, 3, 2, 2, 3)))
+    options = dict(strides=(1, 2, 1), padding="SAME")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        z = ttf.conv(x, kernel, lam=0.1, **options)
+        z_plain = tf.nn.convolution(x, kernel, data_format="NDHWC", **options)
+    grad_z = tf.constant(rng.normal(size=z.shape))
+    grad_x, grad_kernel = tape.gradient(z, [x, kernel], output_gradients=grad_z)
+    np.testing.assert_array_equal(z, z_plain)
+    np.testing.assert_array_equal(grad_x, tape.gradient(z_plain, x, output_gradients=grad_z))
+    pads = ttf._resolve_pads("SAME", (5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 1, 1))
+    expected = conv_reference(x.numpy(), grad_z.numpy(), (2, 3, 2), (1, 2, 1), pads=pads)
+    assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
+
+
+DISJOINT_REMAINDER = {  # kernel < stride, input size not a multiple of the stride
+    "1x1_stride3_on_10": ((2, 10, 10, 1), (1, 1), (3, 3), 1, 2),
+    "2x1_stride2x3_on_7x8_groups": ((3, 7, 8, 2), (2, 1), (2, 3), 2, 4),
+    "b_lt_n": ((1, 11, 10, 2), (3, 3), (4, 4), 1, 3),  # b = 6 rows < n = 18
+    "n_gt_96": ((26, 13, 12, 4), (5, 5), (7, 6), 1, 2),  # n = 100 <= b: the Gram of rows
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(DISJOINT_REMAINDER))
+def test_disjoint_patches_with_input_left_over(name, mode):
+    x_shape, window, strides, groups, m = DISJOINT_REMAINDER[name]
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=x_shape)
+    kernel = rng.normal(size=(*window, x_shape[-1] // groups, m))
+    out = [(size - k) // s + 1 for size, k, s in zip(x_shape[1:-1], window, strides)]
+    grad_z = rng.normal(size=(x_shape[0], *out, m))
+    run = kernel_grad_fn(mode, kernel, x.shape, grad_z.shape, strides=strides,
+                         feature_group_count=groups, lam=0.1)
+    grad_kernel = run(tf.constant(x), tf.constant(grad_z))
+    expected = conv_reference(x, grad_z, window, strides, groups=groups)
+    assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
+
+
+EMPTY_BATCH = {
+    "dense_n1": ((1,), (1, 2)),
+    "dense_tokens": ((4, 3), (3, 2)),
+    "conv_overlapping": ((6, 5, 2), (3, 3, 2, 4), dict(padding="SAME")),
+    "conv_disjoint_wide": ((16, 16, 3), (8, 8, 3, 2), dict(strides=8)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", list(EMPTY_BATCH))
+def test_empty_batch_of_unknown_size_gives_zero_kernel_gradient(name, jit):
+    """Traced for any batch size, the empty batch gives G^T X = 0, so zero, not NaN
+    (0 rows / 0); the same trace on 3 images gives TrAct's gradient."""
+    sample, kernel_shape, *options = EMPTY_BATCH[name]
+    options = options[0] if options else {}
+    rng = np.random.default_rng(13)
+    kernel = tf.constant(rng.normal(size=kernel_shape))
+    op = ((lambda x: ttf.dense(x, kernel, lam=0.1)) if len(kernel_shape) == 2
+          else lambda x: ttf.conv(x, kernel, lam=0.1, **options))
+
+    @tf.function(jit_compile=jit, input_signature=[tf.TensorSpec((None, *sample), tf.float64)])
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            z = op(x)
+        grad_z = tf.reshape(tf.range(tf.size(z), dtype=z.dtype) % 3 - 1, tf.shape(z))
+        return tape.gradient(z, kernel, output_gradients=grad_z), grad_z
+
+    empty, _ = run(tf.zeros((0, *sample), tf.float64))
+    np.testing.assert_array_equal(empty, np.zeros(kernel_shape))
+    x = rng.normal(size=(3, *sample))
+    grad_kernel, grad_z = run(tf.constant(x))
+    if len(kernel_shape) == 2:
+        n, m = kernel_shape
+        expected = tract_reference(x.reshape(-1, n), grad_z.numpy().reshape(-1, m), 0.1).T
+    else:
+        pads = ttf._resolve_pads(options.get("padding", "VALID"), sample[:-1],
+                                 kernel_shape[:-2], (options.get("strides", 1),) * 2, (1, 1))
+        expected = conv_reference(x, grad_z.numpy(), kernel_shape[:-2],
+                                  (options.get("strides", 1),) * 2, pads=pads)
+    assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
+
+
+@pytest.mark.parametrize("dtype", [tf.int32, tf.bool, tf.complex64])
+def test_non_floating_tensors_raise_type_error(dtype):
+    for op, x_shape, kernel_shape in [(ttf.dense, (4, 3), (3, 2)),
+                                      (ttf.conv, (1, 5, 5, 2), (3, 3, 2, 4))]:
+        x, kernel = tf.ones(x_shape), tf.ones(kernel_shape)
+        with pytest.raises(TypeError, match=f"x must have the kernel's dtype float32, got "
+                                            f"{dtype.name}"):
+            op(tf.cast(x, dtype), kernel)
+        with pytest.raises(TypeError, match=f"kernel must have a floating dtype.*{dtype.name}"):
+            op(tf.cast(x, dtype), tf.cast(kernel, dtype))
+        with pytest.raises(TypeError, match="bias must have the kernel's dtype"):
+            op(x, kernel, tf.cast(tf.ones(kernel_shape[-1:]), dtype))
+        with pytest.raises(TypeError, match="x must have a floating dtype"):
+            op(np.ones(x_shape, dtype.as_numpy_dtype), kernel)
+
+
+def test_mixed_float_dtypes_raise_type_error_and_numpy_converts():
+    kernel = tf.ones((3, 2))
+    with pytest.raises(TypeError, match="x must have the kernel's dtype float32, got float64"):
+        ttf.dense(tf.ones((4, 3), tf.float64), kernel)
+    z = ttf.dense(np.ones((4, 3)), kernel)  # numpy float64: converted, as before
+    assert z.dtype == tf.float32
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, options", [
+    ((1, 2, 2, 2), (3, 3, 2, 4), {}),
+    ((1, 5, 5, 2), (3, 3, 2, 4), dict(kernel_dilation=3)),
+    ((2, 2, 5, 5, 1), (3, 3, 3, 1, 2), dict(padding=[(0, 0), (1, 1), (1, 1)])),
+    ((1, 2, 3), (3, 3, 2), dict(padding=[(0, 0)], strides=2)),
+])
+def test_kernel_that_does_not_fit_raises_in_forward(x_shape, kernel_shape, options):
+    # tf.nn.convolution itself returns an empty output here; Keras refuses it.
+    with pytest.raises(ValueError, match="does not fit"):
+        ttf.conv(tf.ones(x_shape), tf.ones(kernel_shape), **options)
+
+
+def test_kernel_with_a_zero_size_raises_value_error():
+    with pytest.raises(ValueError, match="no size 0"):
+        ttf.conv(tf.ones((1, 5, 5, 2)), tf.ones((3, 3, 2, 0)))

@@ -50,7 +50,7 @@ def check_lam(lam) -> float:
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise ValueError(f"lam must be a finite real number > 0, got {lam!r}")
     value = float(lam)
-    if not (math.isfinite(value) and value > 0):
+    if not 0 < value < math.inf:  # comparisons only: torch.compile traces them
         raise ValueError(f"lam must be a finite real number > 0, got {lam!r}")
     return value
 
@@ -151,7 +151,9 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
     """Turn a standard weight gradient into TrAct's: ``grad_w (gram / count + lam I)^-1``.
 
     Args:
-        grad_w: (..., m, n) the plain layer's weight gradient, ``G^T X``.
+        grad_w: (..., m, n) the plain layer's weight gradient, ``G^T X``. The solve
+            amplifies its rounding errors too: for pixel-range data compute it in
+            :func:`statistics_dtype`.
         gram: (..., n, n) ``X^T X`` from :func:`gram` (possibly summed over replicas).
         count: b, the number of rows the Gram sums over (a number, or a 0-d array > 0).
             With no rows (b = 0) grad_w and the Gram are zero, and so is the result.
@@ -382,23 +384,12 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
         kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
 
     Returns:
-        ``(grad_w, gram, grad_bias)``: (groups, M/g, n_g), (groups, n_g, n_g) and (M,);
-        the gradients in x's compute dtype (float32 for float16/bfloat16 x), the Gram in
-        :func:`statistics_dtype`. The products are computed in the latter.
+        ``(grad_w, gram, grad_bias)``: (groups, M/g, n_g), (groups, n_g, n_g) and (M,),
+        in :func:`statistics_dtype` (the solve amplifies the rounding of both products).
     """
     xp = _namespace(x, grad_z, xp=xp)
-    plain_dtype = _compute_dtype(xp, x.dtype)
     dtype = statistics_dtype(xp, x.dtype, array_api_compat.device(x))
-    grad_w, patch_gram, grad_bias = _conv_moments(
-        xp, xp.astype(x, dtype, copy=False), xp.astype(grad_z, dtype, copy=False),
-        kernel_size, stride, dilation, groups)
-    return (xp.astype(grad_w, plain_dtype, copy=False), patch_gram,
-            xp.astype(grad_bias, plain_dtype, copy=False))
-
-
-def _conv_moments(xp, x, grad_z, kernel_size, stride, dilation, groups):
-    """:func:`conv_moments` on x and grad_z of one dtype, every result in it."""
-    dtype = x.dtype
+    x = xp.astype(x, dtype, copy=False)
     g, m = groups, grad_z.shape[1]
     n_g = x.shape[1] // g * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])
@@ -457,7 +448,7 @@ def _image_products(xp, patches, grads):
     flat = xp.reshape(patches, (-1, rows, positions))
     moment = xp.matmul(flat, _mT(xp, xp.reshape(grads, (-1, grads.shape[2], positions))))
     gram_ones = xp.matmul(flat, _mT(xp, flat))
-    return (xp.sum(xp.reshape(moment, (images, g, rows, -1)), axis=0),
+    return (xp.sum(xp.reshape(moment, (images, g, rows, grads.shape[2])), axis=0),
             xp.sum(xp.reshape(gram_ones, (images, g, rows, rows)), axis=0))
 
 
@@ -659,6 +650,9 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, correlate=None, xp=
     """
     xp = _namespace(x, xp=xp)
     x = xp.astype(x, statistics_dtype(xp, x.dtype, array_api_compat.device(x)), copy=False)
+    if x.shape[0] == 0:  # no images, no patches: a zero Gram
+        n_g = x.shape[1] // groups * math.prod(kernel_size)
+        return xp.zeros((groups, n_g, n_g), dtype=x.dtype, device=array_api_compat.device(x))
     if groups > 1:
         size = x.shape[1] // groups
         return xp.concat([conv_gram(x[:, i * size:(i + 1) * size], kernel_size, stride,
@@ -702,8 +696,8 @@ def _frame_by_gather(xp, x, plan, geometry):
     n_batch, n_cols = x.shape[0], plan.frame_index.shape[1]
     device = array_api_compat.device(x)
     frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
-    flat = xp.reshape(x, (n_batch, -1))
-    step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
+    flat = xp.reshape(x, (n_batch, math.prod(x.shape[1:])))
+    step = max(1, _FRAME_CHUNK // (max(n_batch, 1) * n_cols))
     for lo in range(0, plan.frame_index.shape[0], step):
         chunk = (geometry, lo, step)
         index = _constant(xp, (chunk, "frame"), plan.frame_index[lo:lo + step].reshape(-1),
@@ -732,7 +726,7 @@ def _frame_by_slices(xp, x, plan, geometry, kernel_size, stride, dilation, strip
         inner_taps = n_cols // (channels * lead_taps)
         step = max(1, _FRAME_CHUNK // (n_cols * math.prod(extents)))
         total = 0  # X^T X over the box, rows and columns (channel, offsets in `order`)
-        for lo in range(0, x.shape[0], step):
+        for lo in range(0, max(x.shape[0], 1), step):  # no images: one empty chunk
             patches = _box_patches(xp, x[lo:lo + step], piece, kernel_size, stride,
                                    dilation)
             if piece.rows is None or not strips:  # every row, masked
@@ -806,7 +800,8 @@ def _phase_stack(xp, x, plan, stride):
         split = [v for s, n in zip(stride, plan.span) for v in (n, s)]
         x = xp.reshape(x, (n_batch, channels, *split))  # (N, C, L0, s0, L1, s1, ...)
         order = (0, *(3 + 2 * a for a in range(d)), 1, *(2 + 2 * a for a in range(d)))
-        return xp.reshape(xp.permute_dims(x, order), (n_batch, -1, *plan.span))
+        return xp.reshape(xp.permute_dims(x, order),
+                          (n_batch, len(plan.phases) * channels, *plan.span))
     device = array_api_compat.device(x)
     images = []
     for phase in plan.phases:

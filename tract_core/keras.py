@@ -124,6 +124,17 @@ def _conv_op(x, kernel, strides, padding, dilation, groups, channels_last, lam, 
 # --------------------------------------------------------------------------- layers
 
 
+def _non_float_inputs(layer, inputs):
+    """Whether ``inputs`` are integer or bool (promoted as the plain layer's op promotes
+    them); TypeError for complex ones, which TrAct's kernel gradient has no form for."""
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if "complex" in dtype:
+        raise TypeError(f"{type(layer).__name__} takes real inputs (floating, integer or "
+                        f"bool): TrAct's kernel gradient has no complex form; got inputs of "
+                        f"dtype {dtype}")
+    return not keras.backend.is_float_dtype(dtype)
+
+
 class _TrAct:
     """Mixin: a TrAct layer is its Keras layer plus ``lam`` and ``sync`` (in the config).
 
@@ -163,7 +174,11 @@ class TrActDense(_TrAct, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         # keras.layers.Dense.call, with the matmul swapped for the adapter's.
-        x = _dense_op(inputs, ops.convert_to_tensor(self.kernel), self.lam, self.sync)
+        kernel = ops.convert_to_tensor(self.kernel)
+        if _non_float_inputs(self, inputs):  # as ops.matmul: both to the result type
+            dtype = keras.backend.result_type(inputs.dtype, kernel.dtype)
+            inputs, kernel = ops.cast(inputs, dtype), ops.cast(kernel, dtype)
+        x = _dense_op(inputs, kernel, self.lam, self.sync)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
@@ -179,11 +194,14 @@ class _TrActConv(_TrAct):
 
     def call(self, inputs):
         # keras.layers.ConvND.call, with ops.conv swapped for the adapter's.
+        kernel = ops.convert_to_tensor(self.kernel)
+        if _non_float_inputs(self, inputs):  # as Keras's JAX conv: to the kernel's dtype
+            inputs = ops.cast(inputs, kernel.dtype)
         padding = self.padding
         if padding == "causal":  # Conv1D only: Keras pads the past, then 'valid'
             inputs = ops.pad(inputs, self._compute_causal_padding())
             padding = "valid"
-        outputs = _conv_op(inputs, ops.convert_to_tensor(self.kernel), self.strides, padding,
+        outputs = _conv_op(inputs, kernel, self.strides, padding,
                            self.dilation_rate, self.groups,
                            self.data_format == "channels_last", self.lam, self.sync)
         if self.use_bias:

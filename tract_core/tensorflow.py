@@ -269,6 +269,10 @@ def _weight_grad(plain_and_gram, rows_and_grads, count, n, lam, sync=False):
         if context is not None:
             gram = context.all_reduce(tf.distribute.ReduceOp.SUM, gram)
             rows = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, gram.dtype))
+        if not isinstance(rows, int):
+            # No rows (an empty batch, known only at run time): G^T X and the Gram are
+            # zero, and dividing by 1, not 0, keeps the gradient zero, not 0/0 = NaN.
+            rows = tf.maximum(rows, 1)
         return _tc.precondition(plain, gram, rows, lam, xp=_TF)
 
     if context is not None or n == 1 or (isinstance(count, int) and count >= n):
@@ -287,7 +291,9 @@ def _weight_grad(plain_and_gram, rows_and_grads, count, n, lam, sync=False):
         # into b: (s X)(s X)^T / (n - 1) = X X^T / b, and the s cancels in G^T ... X.
         rows, grads = rows_and_grads()
         padded = n - 1
-        scale = tf.sqrt(tf.cast(padded, rows.dtype) / tf.cast(count, rows.dtype))
+        # count 0: every row is fill, X = G = 0, and a finite scale keeps the result zero.
+        scale = tf.sqrt(tf.cast(padded, rows.dtype)
+                        / tf.cast(tf.maximum(count, 1), rows.dtype))
 
         def fill(a):
             # Static pad then cut: valid for any count, as XLA compiles the untaken branch.
@@ -313,6 +319,42 @@ def _with_kernel_grad(z, kernel, kernel_grad):
         return tf.identity(z), grad
 
     return tract_kernel_grad(z, kernel)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _operands(x, kernel, bias):
+    """x, kernel and bias (or None) as tensors of the kernel's floating dtype.
+
+    Tensors must have it already, as TF's own ops do not mix dtypes; numpy arrays and
+    Python numbers are converted to it. TypeError for integer, bool or complex ones.
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    if not _is_float(kernel.dtype):
+        raise TypeError(f"kernel must have a floating dtype (float16, bfloat16, float32 or "
+                        f"float64), got {kernel.dtype.name}")
+
+    def operand(value, name):
+        if value is None:
+            return None
+        dtype = getattr(value, "dtype", None)
+        if tf.is_tensor(value) and dtype != kernel.dtype:
+            raise TypeError(f"{name} must have the kernel's dtype {kernel.dtype.name}, got "
+                            f"{tf.as_dtype(dtype).name}")
+        if dtype is not None and not _is_float(dtype):
+            raise TypeError(f"{name} must have a floating dtype (converted to the kernel's "
+                            f"{kernel.dtype.name}), got {dtype}")
+        return tf.convert_to_tensor(value, dtype=kernel.dtype)
+
+    return operand(x, "x"), kernel, operand(bias, "bias")
+
+
+def _is_float(dtype):
+    try:
+        return tf.as_dtype(dtype).is_floating
+    except TypeError:  # numpy dtypes TF has no counterpart for (object, str)
+        return False
 
 
 # --------------------------------------------------------------------------- dense
@@ -344,8 +386,10 @@ def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
 
     Args:
         x: (..., n); every leading position is a row of the Gram (tokens count as rows).
-        kernel: (n, m), Keras layout. A ``tf.Variable`` works too.
-        bias: (m,) or None.
+        kernel: (n, m), Keras layout, floating (float16, bfloat16, float32, float64). A
+            ``tf.Variable`` works too.
+        bias: (m,) or None. A tensor x or bias must have the kernel's dtype; numpy
+            arrays and Python numbers are converted to it.
         lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
         sync: inside ``strategy.run`` of a tf.distribute strategy with several replicas
             (e.g. MirroredStrategy), sum the Gram and row count over the replicas in
@@ -355,18 +399,19 @@ def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
     Returns:
         (..., m), exactly the plain ``tf.matmul`` (2-D x) or ``tf.tensordot`` plus bias,
         as Keras computes Dense. Under a GradientTape the kernel gradient is
-        ``(G^T X (X^T X / b + lam I)^-1)^T`` with X = x.reshape(-1, n), b its row count.
+        ``(G^T X (X^T X / b + lam I)^-1)^T`` with X = x.reshape(-1, n), b its row count
+        (zero for no rows).
+
+    Raises:
+        ValueError: lam, or shapes that do not match. TypeError: non-floating dtypes.
     """
     lam = _tc.check_lam(lam)
-    kernel = tf.convert_to_tensor(kernel)
-    x = tf.convert_to_tensor(x, dtype=kernel.dtype)
+    x, kernel, bias = _operands(x, kernel, bias)
     if kernel.shape.rank != 2:
         raise ValueError(f"kernel must have shape (n, m), got shape {tuple(kernel.shape)}")
     if x.shape.rank is None or x.shape.rank < 1 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"x must have shape (..., {kernel.shape[0]}) to match kernel "
                          f"{tuple(kernel.shape)}, got shape {tuple(x.shape)}")
-    if bias is not None:
-        bias = tf.convert_to_tensor(bias, dtype=kernel.dtype)
     check_bias_shape(None if bias is None else bias.shape, kernel.shape[1])
     z = _plain_dense(x, tf.stop_gradient(kernel))
     if bias is not None:
@@ -408,14 +453,22 @@ def _xla_convolution(strides, padding, dilation):
     lack grouped convolutions, so, as Keras does, grouped ones run through XLA."""
 
     def convolution(x, kernel):
-        return tf.nn.convolution(x, kernel, strides, padding, dilations=dilation)
+        return tf.nn.convolution(x, kernel, strides, padding,
+                                 data_format=_DATA_FORMATS[x.shape.rank], dilations=dilation)
 
     return tf.function(convolution, jit_compile=True, autograph=False)
+
+
+_DATA_FORMATS = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
 
 
 def _plain_conv(x, kernel, geometry):
     """The plain channels-last convolution: ``tf.nn.convolution``, padded explicitly for
     (lo, hi) pairs and 'SAME_LOWER', which it does not take.
+
+    The data format is named, as Keras's TensorFlow backend names it: with the default
+    (None), TF 2.21's eager gradient of the 3-D convolution fails (it reads the op's
+    data_format attribute, recorded as None).
 
     ``tf.nn.convolution`` refuses strides > 1 together with dilation > 1; that case runs
     at stride 1 and keeps every stride-th output, the same sums at the same positions.
@@ -432,9 +485,16 @@ def _plain_conv(x, kernel, geometry):
     if geometry.groups > 1:
         z = _xla_convolution(conv_strides, padding, geometry.dilation)(x, kernel)
     else:
-        z = tf.nn.convolution(x, kernel, conv_strides, padding, dilations=geometry.dilation)
+        z = tf.nn.convolution(x, kernel, conv_strides, padding,
+                              data_format=_DATA_FORMATS[x.shape.rank],
+                              dilations=geometry.dilation)
     if subsample:
         z = z[(slice(None), *(slice(None, None, s) for s in strides))]
+    if x.shape[0] is None and z.shape[1:].is_fully_defined() and not _compiling_with_xla():
+        # TF's CPU convolution gives an empty batch of unknown size the input's shape
+        # (grappler drops a reshape to the static shape): pick an empty output then.
+        empty = tf.zeros([0, *z.shape[1:]], z.dtype)
+        z = tf.cond(tf.shape(x)[0] > 0, lambda: z, lambda: empty)
     return z
 
 
@@ -583,8 +643,14 @@ def _disjoint_gram(x, window, geometry, pads):
     of a window row times C (TF transposes them faster than the channels-first rows);
     the Gram's columns are then put in torch order, (C/g, *window) per group."""
     d, g = len(window), geometry.groups
+    spatial = [size + lo + hi for size, (lo, hi) in zip(x.shape[1:-1], pads)]
+    out = _tc.conv_output_shape(spatial, window, geometry.strides, geometry.dilation)
+    # Each axis split into out blocks of a stride: cropped to out x stride, or, where that
+    # exceeds it (kernel < stride), zero-filled up to it. The fill lies at offsets >= the
+    # kernel within the last block, which are cut away below.
+    pads = [(lo, hi + max(n * s - size, 0))
+            for (lo, hi), n, s, size in zip(pads, out, geometry.strides, spatial)]
     x = tf.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
-    out = _tc.conv_output_shape(x.shape[1:-1], window, geometry.strides, geometry.dilation)
     x = x[(slice(None), *(slice(0, n * s) for n, s in zip(out, geometry.strides)))]
     x = tf.reshape(x, (-1, *(v for n, s in zip(out, geometry.strides) for v in (n, s)),
                        x.shape[-1]))  # (N, L0, s0, L1, s1, ..., C)
@@ -730,9 +796,9 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
 
     Args:
         x: (N, *spatial, C); spatial and channel sizes static, N may be unknown.
-        kernel: (*window, C / feature_group_count, M), Keras / TF layout. A
+        kernel: (*window, C / feature_group_count, M), Keras / TF layout, floating. A
             ``tf.Variable`` works too.
-        bias: (M,) or None.
+        bias: (M,) or None. Dtypes as for :func:`dense`.
         strides: int or one int per spatial axis.
         padding: 'SAME', 'VALID', 'SAME_LOWER', an int (same on both sides of every
             axis), or per spatial axis an int or a (lo, hi) pair.
@@ -746,14 +812,18 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         ConvND (explicit pads: ``tf.pad`` then 'VALID'; grouped convolutions through XLA
         as Keras runs them). Under a GradientTape the kernel gradient is TrAct's, per
         group, with b = N x output positions rows (receptive fields).
+
+    Raises:
+        ValueError: lam, options or shapes that do not match, or a kernel window that
+            does not fit the padded input. TypeError: non-floating dtypes.
     """
     lam = _tc.check_lam(lam)
-    kernel = tf.convert_to_tensor(kernel)
-    x = tf.convert_to_tensor(x, dtype=kernel.dtype)
+    x, kernel, bias = _operands(x, kernel, bias)
     rank = kernel.shape.rank
-    if rank not in (3, 4, 5) or not kernel.shape.is_fully_defined():
+    if (rank not in (3, 4, 5) or not kernel.shape.is_fully_defined()
+            or 0 in kernel.shape):
         raise ValueError(f"kernel must have a static shape (*window, C/groups, M) with 1 to 3 "
-                         f"spatial axes, got shape {tuple(kernel.shape)}")
+                         f"spatial axes and no size 0, got shape {tuple(kernel.shape)}")
     spatial = rank - 2
     if x.shape.rank != rank or not x.shape[1:].is_fully_defined():
         raise ValueError(f"x must have shape (N, *spatial, C) with {spatial} static spatial "
@@ -768,8 +838,6 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
             f"feature_group_count ({feature_group_count}), and kernel output channels ({m}) "
             f"must be divisible by it"
         )
-    if bias is not None:
-        bias = tf.convert_to_tensor(bias, dtype=kernel.dtype)
     check_bias_shape(None if bias is None else bias.shape, m)
     geometry = _ConvGeometry(
         strides=per_axis(strides, spatial, "strides"),
@@ -777,6 +845,14 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         dilation=per_axis(kernel_dilation, spatial, "kernel_dilation"),
         groups=int(feature_group_count),
     )
+    window, size = tuple(kernel.shape[:-2]), tuple(x.shape[1:-1])
+    pads = _resolve_pads(geometry.padding, size, window, geometry.strides, geometry.dilation)
+    padded = tuple(s + lo + hi for s, (lo, hi) in zip(size, pads))
+    if min(_tc.conv_output_shape(padded, window, geometry.strides, geometry.dilation)) < 1:
+        # tf.nn.convolution would return an empty output, and Keras refuses it.
+        raise ValueError(f"kernel window {window} with kernel_dilation {geometry.dilation} "
+                         f"does not fit x's spatial shape {size} padded to {padded}: no "
+                         f"output position")
     z = _plain_conv(x, tf.stop_gradient(kernel), geometry)
     if bias is not None:
         z = z + bias

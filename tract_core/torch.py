@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import array_api_compat.torch as _xp
 import torch
@@ -65,10 +66,9 @@ def _tf32_off(device):
 
     A user's TF32 opt-in speeds up their own layers, but its 10-bit mantissa loses digits
     that the Gram of pixel-scale patches and the solve need (the JAX adapter computes at
-    'highest' precision likewise). Under torch.compile the flags in force when the graph
-    is compiled apply.
+    'highest' precision likewise). Compiled, this runs eagerly too (in _weight_grad_op).
     """
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    if device.type != "cuda":
         return None
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
@@ -100,6 +100,9 @@ def _precondition(plain, gram, rows, options):
         count = torch.full((), rows, dtype=gram.dtype, device=gram.device)  # no host copy
         torch.distributed.all_reduce(gram, group=options.group)
         torch.distributed.all_reduce(count, group=options.group)
+        # No rows on any replica: a zero Gram and gradient, and a zero result, as the
+        # core gives a count of 0 given as a number.
+        count = count.clamp(min=1)
     return _tc.precondition(plain, gram, count, options.lam, xp=_xp)
 
 
@@ -140,15 +143,14 @@ _CHANNELS_LAST_CORRELATION = True  # see _correlate
 _FEW_PATCH_ENTRIES = 96
 
 
-def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bias):
-    """TrAct's weight gradient and the plain bias gradient of a conv.
+def _conv_weight_grad(x, grad_z, weight, options, geometry):
+    """TrAct's weight gradient of a conv, (groups, M/g, n_g).
 
-    Overlapping patches of few entries (stems): all three from conv_moments' explicit
-    patches. Otherwise both gradients come from one call of torch's conv backward
-    kernel, as for the plain layer (on CPU a bias-only call costs as much as the weight
-    gradient), and the weight gradient is preconditioned with conv_gram's Gram: for
-    disjoint patches (ViT) one product of the input reordered, so that TrAct adds only
-    that product and the solve to the plain layer's work.
+    Overlapping patches of few entries (stems): G^T X and the Gram from conv_moments'
+    explicit patches. Otherwise G^T X comes from torch's conv backward kernel, as for
+    the plain layer, and is preconditioned with conv_gram's Gram: for disjoint patches
+    (ViT) one product of the input reordered, so that TrAct adds only that product and
+    the solve to the plain layer's work.
     """
     g, d = geometry.groups, len(geometry.stride)
     dtype = _compute_dtype(x, grad_z)
@@ -158,79 +160,192 @@ def _conv_grads(x, grad_z, weight, bias, options, geometry, need_weight, need_bi
         x = nn.functional.pad(x, geometry.pad, mode=mode)
     grad_z = grad_z.to(dtype)
     kernel_size = weight.shape[2:]
-    m_g, n_g = weight.shape[0] // g, weight[0].numel()
-    b = grad_z.shape[0] * grad_z[0, 0].numel()
-    push_through = need_weight and b < n_g and not _syncing(options)
-    if (need_weight and not push_through and n_g <= _FEW_PATCH_ENTRIES
-            and not _tc.disjoint_patches(kernel_size, geometry.stride, geometry.dilation)):
-        # Explicit patches of few entries each: matmuls on them beat the CPU conv
-        # kernel's weight gradient and give the Gram as well.
-        grad_w, gram, grad_b = _tc.conv_moments(x, grad_z, kernel_size, geometry.stride,
-                                                geometry.dilation, g, xp=_xp)
-        return _precondition(grad_w, gram, b, options), grad_b if need_bias else None
-    mask = [False, need_weight and not push_through, need_bias]
-    grad_w = grad_b = None
-    if any(mask):
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_z, x, weight.to(dtype), [bias.shape[0]] if need_bias else None,
-            geometry.stride, [0] * d, geometry.dilation, False, [0] * d, g, mask)
-    if push_through:
+    m_g, n_g = weight.shape[0] // g, math.prod(weight.shape[1:])
+    positions = math.prod(grad_z.shape[2:])
+    b = grad_z.shape[0] * positions  # no images: b = 0, and a zero gradient
+    if b < n_g and not _syncing(options):
         # b < n: the b x b push-through form needs G itself, row by row.
         patches = _tc.conv_patches(x, kernel_size, geometry.stride, geometry.dilation, g,
                                    xp=_xp)
-        rows = grad_z.reshape(grad_z.shape[0], g, m_g, -1).permute(1, 0, 3, 2)
-        grad_w = _tc.weight_grad(patches, rows.reshape(g, b, m_g), options.lam, xp=_xp)
-    elif need_weight:
-        gram = _tc.conv_gram(x, kernel_size, geometry.stride, geometry.dilation, g,
-                             correlate=_correlate, xp=_xp)
-        grad_w = _precondition(grad_w.reshape(g, m_g, n_g), gram, b, options)
-    return grad_w, grad_b
+        rows = grad_z.reshape(grad_z.shape[0], g, m_g, positions).permute(1, 0, 3, 2)
+        return _tc.weight_grad(patches, rows.reshape(g, b, m_g), options.lam, xp=_xp)
+    if not b or (n_g <= _FEW_PATCH_ENTRIES and not _tc.disjoint_patches(
+            kernel_size, geometry.stride, geometry.dilation)):
+        # Explicit patches of few entries each (or none at all): matmuls on them beat
+        # the CPU conv kernel's weight gradient and give the Gram as well.
+        grad_w, gram, _ = _tc.conv_moments(x, grad_z, kernel_size, geometry.stride,
+                                           geometry.dilation, g, xp=_xp)
+        return _precondition(grad_w, gram, b, options)
+    grad_w = torch.ops.aten.convolution_backward(
+        grad_z, x, weight.to(dtype), None, geometry.stride, [0] * d, geometry.dilation,
+        False, [0] * d, g, [False, True, False])[1]
+    gram = _tc.conv_gram(x, kernel_size, geometry.stride, geometry.dilation, g,
+                         correlate=_correlate, xp=_xp)
+    return _precondition(grad_w.reshape(g, m_g, n_g), gram, b, options)
+
+
+def _weight_grad(x, grad_z, weight, options, geometry):
+    """TrAct's weight gradient, in the weight's shape and dtype (geometry None: linear)."""
+    # Our Gram and solve run in float32 or better, whatever autocast or TF32 say.
+    tf32 = _tf32_off(grad_z.device)
+    try:
+        with torch.autocast(grad_z.device.type, enabled=False):
+            if geometry is None:
+                grad_w = _linear_weight_grad(x, grad_z, weight, options)
+            else:
+                grad_w = _conv_weight_grad(x, grad_z, weight, options, geometry)
+    finally:
+        _tf32_restore(tf32)
+    return grad_w.reshape(weight.shape).to(weight.dtype)
+
+
+@torch.library.custom_op("tract_core::weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor,
+                    lam: float, sync: bool, group_name: str, pad: list[int], pad_mode: str,
+                    stride: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """:func:`_weight_grad` as one opaque op for torch.compile (no stride: linear).
+
+    Compiled, the backward calls this op instead of tracing the core: the core keeps
+    memos (backends, Gram plans) and builds its index plans with numpy and Python
+    branches, which Dynamo cannot trace inside an autograd.Function's backward. The
+    op runs them eagerly, as outside torch.compile.
+    """
+    group = None
+    if sync and group_name:
+        group = torch.distributed.distributed_c10d._resolve_process_group(group_name)
+    geometry = (_ConvGeometry(tuple(pad), pad_mode, tuple(stride), tuple(dilation), groups)
+                if stride else None)
+    return _weight_grad(x, grad_z, weight, _Options(lam, sync, group), geometry)
+
+
+@_weight_grad_op.register_fake
+def _(x, grad_z, weight, *args):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _compiled_weight_grad(x, grad_z, weight, options, geometry):
+    group_name = options.group.group_name if options.sync and options.group else ""
+    if geometry is None:
+        return _weight_grad_op(x, grad_z, weight, options.lam, options.sync, group_name,
+                               [], "zeros", [], [], 1)
+    return _weight_grad_op(x, grad_z, weight, options.lam, options.sync, group_name,
+                           list(geometry.pad), geometry.pad_mode, list(geometry.stride),
+                           list(geometry.dilation), geometry.groups)
+
+
+def _plain_forward(x, weight, geometry):
+    """The layer's forward without bias, padding explicit (geometry None: linear)."""
+    if geometry is None:
+        return nn.functional.linear(x, weight)
+    if any(geometry.pad):
+        mode = "constant" if geometry.pad_mode == "zeros" else geometry.pad_mode
+        x = nn.functional.pad(x, geometry.pad, mode=mode)
+    return _CONV[len(geometry.stride)](x, weight, None, geometry.stride, 0,
+                                       geometry.dilation, geometry.groups)
+
+
+def _weight_term_of_input_grad(x, grad_z, weight, geometry):
+    """Zero, whose derivative is that of the plain input gradient dx(G, W) = dz/dx^T G
+    with respect to W, G and x held fixed: dx(G, W) - dx(G, W).detach().
+
+    The layer's own node computes dx with the weight detached: right for the value and
+    for its derivative in G, but blind to W. Added to it under create_graph, this gives
+    a gradient penalty's weight gradient the plain layer's term through dx.
+    """
+    # torch.func.vjp rather than autograd.grad on a leaf: it nests under torch.func too.
+    _, vjp = torch.func.vjp(lambda inputs: _plain_forward(inputs, weight, geometry),
+                            x.detach())
+    (dx,) = vjp(grad_z.detach())
+    return dx - dx.detach()
+
+
+def _save(ctx, z, weight, x, options, geometry):
+    # z itself comes out, marked dirty rather than viewed, so that in-place ops on it
+    # (ReLU(inplace=True)) work as on the plain layer's output.
+    ctx.mark_dirty(z)
+    ctx.save_for_backward(weight, x)
+    ctx.options, ctx.geometry = options, geometry
 
 
 class _TrActGrads(torch.autograd.Function):
     """Identity on the layer output z whose backward gives the weight TrAct's gradient.
 
-    The layer's forward ran with the weight detached (and, for convs, the bias too), so
-    autograd's own node computes the input gradient exactly as for the plain layer.
+    The layer's forward ran with the weight detached, so autograd's own node computes
+    the input and bias gradients exactly as for the plain layer.
     """
 
-    # forward(ctx, ...) rather than setup_context: with setup_context, every apply()
-    # binds its arguments through inspect.signature, ~0.1 ms per call on CPU.
+    # forward(ctx, ...) rather than setup_context: measured on CPU, a step costs ~25 us
+    # less (apply() binds setup_context's arguments through inspect.signature), 25% of
+    # a small linear layer's step. torch.func's transforms get _TrActGradsForTransforms.
     @staticmethod
-    def forward(ctx, z, weight, bias, x, options, geometry):
-        ctx.save_for_backward(weight, bias, x)
-        ctx.options, ctx.geometry = options, geometry
-        return z.view_as(z)
+    def forward(ctx, z, weight, x, options, geometry):
+        _save(ctx, z, weight, x, options, geometry)
+        return z
 
     @staticmethod
     def backward(ctx, grad_z):
-        weight, bias, x = ctx.saved_tensors
-        need_weight, need_bias = ctx.needs_input_grad[1:3]
-        grad_w = grad_b = None
-        # Our Gram and solve run in float32 or better, whatever autocast or TF32 say.
-        tf32 = _tf32_off(grad_z.device)
-        try:
-            with torch.autocast(grad_z.device.type, enabled=False):
-                if ctx.geometry is None:
-                    grad_w = _linear_weight_grad(x, grad_z, weight, ctx.options)
-                else:
-                    grad_w, grad_b = _conv_grads(x, grad_z, weight, bias, ctx.options,
-                                                 ctx.geometry, need_weight, need_bias)
-        finally:
-            _tf32_restore(tf32)
-        if grad_w is not None:
-            grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_z, grad_w, grad_b, None, None, None
+        weight, x = ctx.saved_tensors
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[1]:
+            if torch.compiler.is_compiling():
+                grad_w = _compiled_weight_grad(x, grad_z, weight, ctx.options, ctx.geometry)
+            else:
+                grad_w = _weight_grad(x, grad_z, weight, ctx.options, ctx.geometry)
+        if torch.is_grad_enabled() and ctx.needs_input_grad[2]:  # create_graph=True
+            grad_x = _weight_term_of_input_grad(x, grad_z, weight, ctx.geometry)
+        return grad_z, grad_w, grad_x, None, None
+
+
+class _TrActGradsForTransforms(_TrActGrads):
+    """:class:`_TrActGrads` for torch.func's transforms (grad, vmap, ...), which need
+    setup_context and a vmap rule. Under vmap each mapped call is a batch of its own:
+    the backward, mapped by torch's batching rules, uses that call's rows' Gram."""
+
+    @staticmethod
+    def forward(z, weight, x, options, geometry):
+        return z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+
+    @staticmethod
+    def vmap(info, in_dims, z, weight, x, options, geometry):
+        return z, in_dims[0]
+
+
+def _transforms_active():
+    # The check autograd.Function.apply itself makes before running under torch.func.
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _tract_grads(z, weight, x, options, geometry):
+    if _transforms_active():
+        return _TrActGradsForTransforms.apply(z, weight, x, options, geometry)
+    return _TrActGrads.apply(z, weight, x, options, geometry)
 
 
 def _tract_active(weight):
-    return torch.is_grad_enabled() and weight.requires_grad
+    # Under torch.func a weight that only an outer transform differentiates (nested
+    # grads for a gradient penalty) has requires_grad False in the inner one: there the
+    # node always comes in, and gives a weight gradient at the levels that want one.
+    return torch.is_grad_enabled() and (weight.requires_grad or _transforms_active())
 
 
 def _options(lam, sync, process_group):
-    return _Options(_tc.check_lam(lam), bool(sync), process_group)
+    if not torch.compiler.is_compiling():
+        return _Options(_tc.check_lam(lam), bool(sync), process_group)
+    # check_lam's test by comparisons: compiled, a lam that changed between calls is a
+    # symbolic float (automatic dynamic), which its math.isfinite cannot take.
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < math.inf:
+        raise ValueError("lam must be a finite real number > 0")
+    return _Options(lam, bool(sync), process_group)
+
+
+def _check_real(z, weight, x):
+    if z.is_complex():
+        raise TypeError(f"TrAct's weight gradient needs real floating point tensors; got "
+                        f"weight of dtype {weight.dtype} and input of dtype {x.dtype}")
 
 
 def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
@@ -238,21 +353,24 @@ def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
 
     Args:
         x: (..., n) inputs; every leading position is one row of X.
-        weight: (m, n). bias: (m,) or None.
+        weight: (m, n). bias: (m,) or None. Real floating point (TypeError for complex).
         lam: finite float > 0.
         sync: all-reduce the Gram and row count over ``process_group`` (default: the
             world) in backward when torch.distributed is initialized, so that averaged
             replica gradients equal the full-batch TrAct gradient.
 
     Returns:
-        (..., m), exactly ``F.linear(x, weight, bias)``.
+        (..., m), exactly ``F.linear(x, weight, bias)``. Input and bias gradients are
+        the plain layer's, also under ``create_graph=True`` (gradient penalties), where
+        the input gradient stays differentiable in the weight as for the plain layer.
     """
     options = _options(lam, sync, process_group)
     if not _tract_active(weight):
         return nn.functional.linear(x, weight, bias)
     # The bias stays with autograd: its gradient is a cheap sum, exactly the plain one.
     z = nn.functional.linear(x, weight.detach(), bias)
-    return _TrActGrads.apply(z, weight, None, x, options, None)
+    _check_real(z, weight, x)
+    return _tract_grads(z, weight, x, options, None)
 
 
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
@@ -282,13 +400,15 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
 
     Args:
         x: (N, C, *spatial) or unbatched (C, *spatial), 1 to 3 spatial axes.
-        weight: (M, C / groups, *kernel_size). bias: (M,) or None.
+        weight: (M, C / groups, *kernel_size). bias: (M,) or None. Real floating point
+            (TypeError for complex).
         stride, dilation: int or one per axis. padding: int, one per axis, 'same' or
             'valid'. padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
         lam: finite float > 0. sync, process_group: as for :func:`linear`.
 
     Returns:
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
+        Input and bias gradients are the plain layer's, as for :func:`linear`.
     """
     options = _options(lam, sync, process_group)
     d = weight.ndim - 2
@@ -303,22 +423,23 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         raise ValueError("padding_mode must be 'zeros', 'reflect', 'replicate' or "
                          f"'circular', got {padding_mode!r}")
     active = _tract_active(weight)
-    if active:
-        # The bias stays with autograd: its gradient is the plain layer's, bit for bit.
-        weight_in, bias_in = weight.detach(), bias
-    else:
-        weight_in, bias_in = weight, bias
+    # Active, an unbatched input is a batch of one (as F.conv*d itself treats it), so
+    # that the output our node returns is no view.
+    unbatched = active and x.ndim == d + 1
+    rows = x[None] if unbatched else x
+    # The bias stays with autograd: its gradient is the plain layer's, bit for bit.
+    weight_in = weight.detach() if active else weight
     if padding_mode == "zeros":
-        z = _CONV[d](x, weight_in, bias_in, stride, padding, dilation, groups)
+        z = _CONV[d](rows, weight_in, bias, stride, padding, dilation, groups)
     else:  # as nn.ConvNd does it: pad explicitly, then convolve with no padding
-        padded = nn.functional.pad(x, torch_pad, mode=padding_mode)
-        z = _CONV[d](padded, weight_in, bias_in, stride, 0, dilation, groups)
+        padded = nn.functional.pad(rows, torch_pad, mode=padding_mode)
+        z = _CONV[d](padded, weight_in, bias, stride, 0, dilation, groups)
     if not active:
         return z
+    _check_real(z, weight, x)
     geometry = _ConvGeometry(torch_pad, padding_mode, stride, dilation, groups)
-    if x.ndim == d + 1:  # unbatched: the backward sees a batch of one
-        return _TrActGrads.apply(z[None], weight, None, x[None], options, geometry)[0]
-    return _TrActGrads.apply(z, weight, None, x, options, geometry)
+    z = _tract_grads(z, weight, rows, options, geometry)
+    return z[0] if unbatched else z
 
 
 class _TrAct:

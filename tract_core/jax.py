@@ -109,8 +109,9 @@ class _Dense:
         n, m = kernel.shape
         segments = x.shape[0]
         dtype = _compute_dtype(x.dtype, grad_z.dtype)
-        rows = jnp.reshape(x, (1, segments, -1, n)).astype(dtype)
-        grads = jnp.reshape(grad_z, (1, segments, -1, m)).astype(dtype)
+        per_segment = math.prod(x.shape[1:-1])  # spelled out: it may be 0
+        rows = jnp.reshape(x, (1, segments, per_segment, n)).astype(dtype)
+        grads = jnp.reshape(grad_z, (1, segments, per_segment, m)).astype(dtype)
         return rows, grads
 
     def plain_grads(self, x, grad_z, kernel):
@@ -120,7 +121,7 @@ class _Dense:
 
     def gram(self, x, kernel):
         """(1, n, n): X^T X over the rows of all segments."""
-        rows = jnp.reshape(x, (1, -1, kernel.shape[0]))
+        rows = jnp.reshape(x, (1, math.prod(x.shape[:-1]), kernel.shape[0]))
         return _tc.gram(rows.astype(_compute_dtype(x.dtype)))
 
     def statistics(self, x, grad_z, kernel):
@@ -230,8 +231,9 @@ class _Conv:
         g, m_g = self.groups, kernel.shape[-1] // self.groups
         patches = _tc.conv_patches(self.padded_channels_first(x, kernel), kernel.shape[:-2],
                                    self.strides, self.dilation, g)  # (g, S*N*L, n_g)
-        rows = jnp.reshape(patches, (g, segments, -1, patches.shape[-1]))
-        grads = jnp.reshape(grad_z.astype(patches.dtype), (segments, -1, g, m_g))
+        per_segment = patches.shape[1] // max(segments, 1)  # spelled out: it may be 0
+        rows = jnp.reshape(patches, (g, segments, per_segment, patches.shape[-1]))
+        grads = jnp.reshape(grad_z.astype(patches.dtype), (segments, per_segment, g, m_g))
         return rows, jnp.transpose(grads, (2, 0, 1, 3))
 
     def plain_grads(self, x, grad_z, kernel):
@@ -392,13 +394,14 @@ def _pooled_over_vmap(segment_fn, pooled_fn, kernel_grad_output, axis_name=None)
 
         def merge(value, batched):
             value = _broadcast_front(value, batched, axis_size)
-            return jnp.reshape(value, (-1, *value.shape[2:]))
+            return jnp.reshape(value, (value.shape[0] * value.shape[1], *value.shape[2:]))
 
+        segments = x.shape[1] if in_batched[0] else x.shape[0]  # S, before the merge
         args = [a if i == 2 else merge(a, b) for i, (a, b) in enumerate(zip(args, in_batched))]
         out = pooled_fn()(*args)
 
-        def split(value):
-            return jnp.reshape(value, (axis_size, -1, *value.shape[1:]))
+        def split(value):  # sizes spelled out: B or S may be 0 (an empty vmap)
+            return jnp.reshape(value, (axis_size, segments, *value.shape[1:]))
 
         if not isinstance(out, tuple):
             return split(out), True

@@ -135,12 +135,11 @@ _CHANNELS_LAST_CORRELATION = True  # see _correlate
 
 
 # Overlapping patches of at most this many entries per group (C/g * prod(kernel)) go
-# through conv_moments. Measured on CPU, 2 threads, against the conv kernel's weight
-# gradient (which runs at 10-45 GFLOP/s on such shapes): 0.4-0.65x the time for
-# n_g <= 75 (3x3 and 5x5 stems, 3x3/2); 1.1-1.8x for n_g >= 144 (7x7/2 stem, 16 or 64
-# channels). On an H200 the structured Gram's many small kernels cost more than the
-# patches' copy.
-_FEW_PATCH_ENTRIES = 96
+# through conv_moments. With both products in float64, measured on CPU, 2 threads: the
+# 7x7/2 ImageNet stem (n_g = 147) 440 ms against 742 ms through the float64 conv
+# kernels (which have no oneDNN path) and the structured Gram. On an H200, with float32
+# products, the structured Gram's many small kernels cost more than the patches' copy.
+_FEW_PATCH_ENTRIES = 160
 
 
 def _conv_weight_grad(x, grad_z, weight, options, geometry):

@@ -19,28 +19,40 @@ import optax
 import tract_core.jax as tj
 
 
-class TrActConv2d(eqx.Module):
-    """``eqx.nn.Conv2d``'s parameters and per-example call, with TrAct's weight gradient.
+_PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}
 
-    x: (C, H, W) -> (out_channels, H', W'), like eqx.nn.Conv2d (zero padding only).
+
+class TrActConv(eqx.Module):
+    """An ``eqx.nn.Conv`` (Conv1d/2d/3d, any option) with TrAct's weight gradient.
+
+    Keeps the Equinox layer for its parameters and initialisation; a per-example call,
+    x: (C, *spatial) -> (out_channels, *out_spatial), like the layer itself.
     """
 
-    conv: eqx.nn.Conv2d
+    conv: eqx.nn.Conv
     lam: float = eqx.field(static=True)
 
-    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0,
-                 lam=0.1, dtype=None, key):
-        self.conv = eqx.nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                                  padding=padding, dtype=dtype, key=key)
-        self.lam = lam
+    def __init__(self, conv: eqx.nn.Conv, *, lam: float = 0.1):
+        if not isinstance(conv, eqx.nn.Conv):
+            raise TypeError(f"conv must be an eqx.nn.Conv, got {type(conv).__name__}")
+        self.conv, self.lam = conv, lam
 
-    def __call__(self, x):
+    def __call__(self, x, *, key=None):
         conv = self.conv
-        # Equinox: weight (O, I, kh, kw), channels-first; tract_core.jax: Flax layout.
-        kernel = jnp.transpose(conv.weight, (2, 3, 1, 0))
+        padding = conv.padding
+        if conv.padding_mode != "ZEROS":  # as Equinox does it: pad, then no padding
+            if isinstance(padding, str):
+                window = [d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+                padding = jax.lax.padtype_to_pads(x.shape[1:], window, conv.stride, padding)
+            x = jnp.pad(x, [(0, 0), *padding], _PAD_MODES[conv.padding_mode])
+            padding = "VALID"
+        d = x.ndim - 1
+        # Equinox: weight (O, I / groups, *window), channels-first; tract_core.jax: the
+        # Flax layout (*window, I / groups, O).
+        kernel = jnp.transpose(conv.weight, (*range(2, d + 2), 1, 0))
         bias = conv.bias.reshape(-1) if conv.use_bias else None
         z = tj.conv(jnp.moveaxis(x, 0, -1)[None], kernel, bias, strides=conv.stride,
-                    padding=conv.padding, kernel_dilation=conv.dilation,
+                    padding=padding, kernel_dilation=conv.dilation,
                     feature_group_count=conv.groups, lam=self.lam)
         return jnp.moveaxis(z[0], -1, 0)
 
@@ -48,13 +60,13 @@ class TrActConv2d(eqx.Module):
 class SmallNet(eqx.Module):
     """TrAct stem on raw pixels, ReLU, global average pool, linear head."""
 
-    stem: TrActConv2d
+    stem: TrActConv
     head: eqx.nn.Linear
 
     def __init__(self, *, channels=3, width=16, classes=10, lam=0.1, dtype=jnp.float32, key):
         stem_key, head_key = jax.random.split(key)
-        self.stem = TrActConv2d(channels, width, 3, padding=1, lam=lam, dtype=dtype,
-                                key=stem_key)
+        self.stem = TrActConv(eqx.nn.Conv2d(channels, width, 3, padding=1, dtype=dtype,
+                                            key=stem_key), lam=lam)
         self.head = eqx.nn.Linear(width, classes, dtype=dtype, key=head_key)
 
     def __call__(self, image):

@@ -298,8 +298,8 @@ def test_equinox_example_trains_and_pools_the_vmapped_batch():
     # (the shapes of the example's stem: its init is compiled already).
     import equinox as eqx
 
-    layer = example.TrActConv2d(3, 16, 3, padding=1, lam=0.1, dtype=jnp.float32,
-                                key=jax.random.key(0))
+    layer = example.TrActConv(eqx.nn.Conv2d(3, 16, 3, padding=1, dtype=jnp.float32,
+                                            key=jax.random.key(0)), lam=0.1)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.random((6, 3, 8, 8), dtype=np.float32))
     grad_z = jnp.asarray(rng.standard_normal((6, 16, 8, 8), dtype=np.float32))
@@ -320,3 +320,67 @@ def test_equinox_example_trains_and_pools_the_vmapped_batch():
     per_example, batched, separate = grads(layer)
     assert_close(per_example, batched, 1e-5, "vmapped per-example vs batched")
     assert np.linalg.norm(separate - batched) > 1e-2 * np.linalg.norm(batched)
+
+
+EQX_CONVS = [  # (dims, in, out, kernel, options): every eqx.nn.Conv option the recipe maps
+    (2, 3, 4, 3, dict(use_bias=False)),
+    (2, 3, 4, (3, 2), dict(padding=((1, 2), (0, 1)), padding_mode="REFLECT", stride=2)),
+    (2, 4, 6, 3, dict(padding="SAME", padding_mode="CIRCULAR", groups=2, dilation=(1, 2))),
+    (1, 2, 3, 5, dict(padding=2, padding_mode="REPLICATE", use_bias=False)),
+    (3, 2, 2, 2, dict(padding="VALID", stride=(1, 2, 1))),
+    (2, 3, 5, 4, dict(padding="SAME_LOWER", stride=4)),
+]
+
+
+@pytest.mark.parametrize("dims, c_in, c_out, kernel, options", EQX_CONVS,
+                         ids=[str(i) for i in range(len(EQX_CONVS))])
+def test_equinox_recipe_matches_the_plain_layer(dims, c_in, c_out, kernel, options):
+    """Forward and input gradient as eqx.nn.Conv computes them; the weight gradient is
+    TrAct's (against a float64 reference from explicit patches); no bias, any padding
+    mode."""
+    need("equinox")
+    import equinox as eqx
+
+    example = load_example("equinox_example")
+    with jax.enable_x64(True):
+        conv = eqx.nn.Conv(dims, c_in, c_out, kernel, dtype=jnp.float64,
+                           key=jax.random.key(1), **options)
+        layer = example.TrActConv(conv, lam=0.1)
+        rng = np.random.default_rng(dims)
+        x = jnp.asarray(rng.standard_normal((c_in, *(7,) * dims)))
+        z_plain = conv(x)
+        z = layer(x)
+        np.testing.assert_allclose(z, z_plain, rtol=1e-12, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(z.shape))
+        gx_plain = jax.grad(lambda x: jnp.sum(conv(x) * g))(x)
+        gx = jax.grad(lambda x: jnp.sum(layer(x) * g))(x)
+        np.testing.assert_allclose(gx, gx_plain, rtol=1e-12, atol=1e-12)
+        grad_w = eqx.filter_grad(lambda m: jnp.sum(m(x) * g))(layer).conv.weight
+        # Patches by the plain layer's own conv with one-hot filters, one per entry.
+        n_all = c_in * int(np.prod(conv.kernel_size))
+        eye = jnp.eye(n_all).reshape(n_all, c_in, *conv.kernel_size)
+        probe = eqx.nn.Conv(dims, c_in, n_all, kernel, use_bias=False, dtype=jnp.float64,
+                            key=jax.random.key(0), **{k: v for k, v in options.items()
+                                                      if k not in ("use_bias", "groups")})
+        probe = eqx.tree_at(lambda m: m.weight, probe, eye)
+        rows = np.asarray(probe(x)).reshape(n_all, -1).T  # (b, C * K), (channel, taps)
+    groups = options.get("groups", 1)
+    c_g, m_g = c_in // groups, c_out // groups
+    grads = np.asarray(g).reshape(c_out, -1).T
+    k = int(np.prod(conv.kernel_size))
+    for group in range(groups):
+        xg = rows[:, group * c_g * k:(group + 1) * c_g * k]
+        gg = grads[:, group * m_g:(group + 1) * m_g]
+        b, n = xg.shape
+        expected = np.linalg.solve(xg.T @ xg / b + 0.1 * np.eye(n), xg.T @ gg).T
+        got = np.asarray(grad_w[group * m_g:(group + 1) * m_g]).reshape(m_g, -1)
+        assert_close(got, expected, 1e-9, f"group {group}")
+
+
+def test_equinox_recipe_refuses_other_modules():
+    need("equinox")
+    import equinox as eqx
+
+    example = load_example("equinox_example")
+    with pytest.raises(TypeError, match="eqx.nn.Conv"):
+        example.TrActConv(eqx.nn.Linear(3, 4, key=jax.random.key(0)))

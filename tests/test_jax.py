@@ -517,3 +517,17 @@ def test_backward_can_be_differentiated_again(mode):
     numeric = (penalty(x + step * direction) - penalty(x - step * direction)) / (2 * step)
     analytic = np.vdot(jax.jit(jax.grad(penalty))(x), direction)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+
+
+def test_complex_arrays_and_kernels_that_do_not_fit_raise_at_call():
+    kernel = jnp.ones((3, 3, 2, 4))
+    with pytest.raises(TypeError, match="x must be real"):
+        tj.conv(jnp.ones((1, 5, 5, 2), jnp.complex64), kernel.astype(jnp.complex64))
+    with pytest.raises(TypeError, match="kernel must be real"):
+        tj.dense(jnp.ones((3, 2)), jnp.ones((2, 4), jnp.complex64))
+    with pytest.raises(ValueError, match="does not fit"):
+        tj.conv(jnp.ones((1, 2, 2, 2)), kernel)
+    with pytest.raises(ValueError, match="does not fit"):
+        tj.conv(jnp.ones((1, 2, 9, 2)), kernel, kernel_dilation=(1, 2), padding=((0, 0), (1, 1)))
+    # Padding that makes it fit is fine, as for the plain lax conv.
+    assert tj.conv(jnp.ones((1, 2, 2, 2)), kernel, padding="SAME").shape == (1, 2, 2, 4)

@@ -523,6 +523,15 @@ def _varying_alike(*arrays):
 # --------------------------------------------------------------------------- public API
 
 
+def _check_real(**arrays):
+    """TrAct's gradient is defined for real layers: integer inputs are left to lax (as
+    for the plain layer), complex ones refused up front rather than in backward."""
+    for name, array in arrays.items():
+        if array is not None and jnp.iscomplexobj(array):
+            raise TypeError(f"{name} must be real (TrAct's gradient is defined for real "
+                            f"layers), got dtype {jnp.result_type(array)}")
+
+
 def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
@@ -550,6 +559,7 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
         raise ValueError(f"x must have shape (..., {jnp.shape(kernel)[0]}) to match kernel "
                          f"{tuple(jnp.shape(kernel))}, got shape {tuple(jnp.shape(x))}")
     check_bias_shape(None if bias is None else jnp.shape(bias), jnp.shape(kernel)[1])
+    _check_real(x=x, kernel=kernel, bias=bias)
     layer = _Dense(lam, _precision(precision), _axis_name(axis_name))
     return _tract_op(layer)(*_varying_alike(x, kernel, bias))
 
@@ -610,4 +620,12 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         precision=_precision(precision),
         axis_name=_axis_name(axis_name),
     )
+    _check_real(x=x, kernel=kernel, bias=bias)
+    spatial, window = tuple(jnp.shape(x)[1:-1]), tuple(jnp.shape(kernel)[:-2])
+    padded = [s + lo + hi for s, (lo, hi) in zip(spatial, layer.pads(spatial, window))]
+    if any(o <= 0 for o in _tc.conv_output_shape(padded, window, layer.strides,
+                                                   layer.dilation)):
+        raise ValueError(f"kernel window {window} with kernel_dilation {layer.dilation} "
+                         f"does not fit x's spatial shape {spatial} padded to "
+                         f"{tuple(padded)}")
     return _tract_op(layer)(*_varying_alike(x, kernel, bias))

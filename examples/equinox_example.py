@@ -18,7 +18,6 @@ import optax
 
 import tract_core.jax as tj
 
-
 _PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}
 
 

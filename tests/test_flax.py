@@ -382,5 +382,5 @@ def test_equinox_recipe_refuses_other_modules():
     import equinox as eqx
 
     example = load_example("equinox_example")
-    with pytest.raises(TypeError, match="eqx.nn.Conv"):
+    with pytest.raises(TypeError, match=r"eqx\.nn\.Conv"):
         example.TrActConv(eqx.nn.Linear(3, 4, key=jax.random.key(0)))

@@ -185,7 +185,7 @@ def _conv_weight_grad(x, grad_z, weight, options, geometry):
 
 def _weight_grad(x, grad_z, weight, options, geometry):
     """TrAct's weight gradient, in the weight's shape and dtype (geometry None: linear)."""
-    # Our Gram and solve run in float32 or better, whatever autocast or TF32 say.
+    # TrAct's products and solve run in the statistics dtype, whatever autocast or TF32 say.
     tf32 = _tf32_off(grad_z.device)
     try:
         with torch.autocast(grad_z.device.type, enabled=False):

@@ -25,35 +25,41 @@ class TrActConv(eqx.Module):
     """An ``eqx.nn.Conv`` (Conv1d/2d/3d, any option) with TrAct's weight gradient.
 
     Keeps the Equinox layer for its parameters and initialisation; a per-example call,
-    x: (C, *spatial) -> (out_channels, *out_spatial), like the layer itself.
+    x: (C, *spatial) -> (out_channels, *out_spatial), like the layer itself. The forward
+    and the input and bias gradients are the layer's own (bit for bit on CPU; the conv
+    runs channels-last, which a GPU conv library may round differently).
     """
 
     conv: eqx.nn.Conv
     lam: float = eqx.field(static=True)
 
     def __init__(self, conv: eqx.nn.Conv, *, lam: float = 0.1):
-        if not isinstance(conv, eqx.nn.Conv):
-            raise TypeError(f"conv must be an eqx.nn.Conv, got {type(conv).__name__}")
+        if not isinstance(conv, eqx.nn.Conv):  # ConvTranspose, Linear, ...: not a Conv
+            raise TypeError(f"conv must be an eqx.nn.Conv (for an eqx.nn.Linear call "
+                            f"tract_core.jax.dense), got {type(conv).__name__}")
         self.conv, self.lam = conv, lam
 
     def __call__(self, x, *, key=None):
-        conv = self.conv
+        conv, d = self.conv, self.conv.num_spatial_dims
+        if x.ndim != d + 1:
+            raise ValueError(f"x must have shape (in_channels, *spatial) with {d} spatial "
+                             f"axes, got shape {x.shape}")
         padding = conv.padding
         if conv.padding_mode != "ZEROS":  # as Equinox does it: pad, then no padding
             if isinstance(padding, str):
-                window = [d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+                window = [r * (k - 1) + 1 for k, r in zip(conv.kernel_size, conv.dilation)]
                 padding = jax.lax.padtype_to_pads(x.shape[1:], window, conv.stride, padding)
             x = jnp.pad(x, [(0, 0), *padding], _PAD_MODES[conv.padding_mode])
             padding = "VALID"
-        d = x.ndim - 1
         # Equinox: weight (O, I / groups, *window), channels-first; tract_core.jax: the
         # Flax layout (*window, I / groups, O).
         kernel = jnp.transpose(conv.weight, (*range(2, d + 2), 1, 0))
-        bias = conv.bias.reshape(-1) if conv.use_bias else None
-        z = tj.conv(jnp.moveaxis(x, 0, -1)[None], kernel, bias, strides=conv.stride,
+        z = tj.conv(jnp.moveaxis(x, 0, -1)[None], kernel, None, strides=conv.stride,
                     padding=padding, kernel_dilation=conv.dilation,
                     feature_group_count=conv.groups, lam=self.lam)
-        return jnp.moveaxis(z[0], -1, 0)
+        z = jnp.moveaxis(z[0], -1, 0)
+        # The bias added as Equinox adds it, (O, 1, ..., 1): the same bias gradient sum.
+        return z + conv.bias if conv.use_bias else z
 
 
 class SmallNet(eqx.Module):

@@ -164,6 +164,119 @@ def test_wrap_and_constructors_reject_bad_arguments():
         conv(jnp.ones((1, 5, 5, 3)))
 
 
+BAD_LAMS = [0, 0.0, -0.1, float("nan"), float("inf"), True, "0.1", None]
+
+
+@pytest.mark.parametrize("lam", BAD_LAMS, ids=repr)
+def test_every_layer_refuses_a_bad_lam(lam):
+    x = jnp.ones((1, 5, 5, 3))
+    with pytest.raises(ValueError, match="lam"):
+        tflax.TrActLinear(3, 2, lam=lam, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="lam"):
+        tflax.TrActConv(3, 2, (3, 3), lam=lam, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="lam"):
+        tflax.wrap(nnx.Conv(3, 2, (3, 3), rngs=nnx.Rngs(0)), lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tflax.TrActDense(2, lam=lam).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="lam"):
+        tflax.TrActLinenConv(2, (3, 3), lam=lam).init(jax.random.key(0), x)
+
+
+def test_unsupported_modules_dtypes_and_shapes_are_named():
+    rngs = nnx.Rngs(0)
+    for module in (nnx.ConvTranspose(3, 2, (3, 3), rngs=rngs), nnx.LayerNorm(3, rngs=rngs),
+                   nnx.BatchNorm(3, rngs=rngs), nnx.LinearGeneral(3, 2, rngs=rngs)):
+        with pytest.raises(TypeError, match=type(module).__name__):
+            tflax.wrap(module)
+    # A complex layer: Flax promotes x to the kernel's dtype; the kernel is what is wrong.
+    x = jnp.ones((1, 5, 5, 3), jnp.float32)
+    for layer in (tflax.TrActLinear(3, 2, param_dtype=jnp.complex64, rngs=rngs),
+                  tflax.TrActConv(3, 2, (3, 3), param_dtype=jnp.complex64, rngs=rngs)):
+        with pytest.raises(TypeError, match=r"kernel must have a real floating.*complex64"):
+            layer(x)
+    with pytest.raises(TypeError, match=r"kernel must have a real floating.*complex64"):
+        tflax.TrActDense(2, param_dtype=jnp.complex64).init(jax.random.key(0), x)
+    # A kernel larger than the padded input: refused at the call, not later in backward.
+    with pytest.raises(ValueError, match="does not fit"):
+        tflax.TrActConv(3, 2, (3, 3), padding="VALID", rngs=rngs)(jnp.ones((1, 2, 5, 3)))
+    with pytest.raises(ValueError, match="does not fit"):
+        tflax.TrActLinenConv(2, (3, 6), padding="VALID").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"x channels \(4\)"):
+        tflax.TrActConv(3, 2, (3, 3), rngs=rngs)(jnp.ones((1, 5, 5, 4)))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        tflax.TrActLinear(3, 2, rngs=rngs)(jnp.ones((2, 4)))
+
+
+def _flax_layer_pairs(rng):
+    """(name, plain, tract, x shape but the batch) per layer kind: NNX modules, and Linen
+    (module, variables) pairs sharing random parameters."""
+    for name, plain, shape in [
+        ("nnx_linear", nnx.Linear(5, 3, rngs=nnx.Rngs(0)), (5,)),
+        ("nnx_conv_reflect_groups", nnx.Conv(4, 6, (3, 3), padding="REFLECT",
+                                             feature_group_count=2, rngs=nnx.Rngs(0)),
+         (6, 5, 4)),
+    ]:
+        yield name, plain, tflax.wrap(plain, lam=0.1), shape
+    for name, cls, tract_cls, options, shape in [
+        ("linen_dense", nn.Dense, tflax.TrActDense, dict(features=3), (5,)),
+        ("linen_conv_circular", nn.Conv, tflax.TrActLinenConv,
+         dict(features=4, kernel_size=(3, 2), padding="CIRCULAR", strides=2), (6, 5, 3)),
+    ]:
+        plain, tract = cls(**options), tract_cls(lam=0.1, **options)
+        params = plain.init(jax.random.key(0), jnp.ones((1, *shape)))
+        params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+                              params)
+        yield name, (plain, params), (tract, params), shape
+
+
+def _layer_grads(layer, x, grad_z):
+    """(z, kernel gradient, bias gradient) of <layer(x), grad_z>, jitted."""
+    if isinstance(layer, nnx.Module):
+        @nnx.jit
+        def run(layer):
+            grads = nnx.grad(lambda m: jnp.sum(m(x) * grad_z))(layer)
+            return layer(x), grads["kernel"][...], grads["bias"][...]
+        return run(layer)
+    module, variables = layer
+
+    @jax.jit
+    def run(variables):
+        grads = jax.grad(lambda v: jnp.sum(module.apply(v, x) * grad_z))(variables)
+        return module.apply(variables, x), grads["params"]["kernel"], grads["params"]["bias"]
+    return run(variables)
+
+
+def test_empty_batches_give_zero_kernel_grads_in_every_layer():
+    rng = np.random.default_rng(0)
+    for name, plain, tract, shape in _flax_layer_pairs(rng):
+        x = jnp.ones((0, *shape), jnp.float32)
+        z_p, k_p, b_p = _layer_grads(plain, x, 1.0)  # loss: sum(z)
+        z_t, k_t, b_t = _layer_grads(tract, x, 1.0)
+        assert z_t.shape == z_p.shape, name
+        assert np.array_equal(k_t, np.zeros(k_p.shape)) and np.array_equal(b_t, b_p), name
+
+
+def test_integer_inputs_are_promoted_as_by_the_plain_layer():
+    """Flax promotes an integer x to the parameters' dtype: the same forward, and the
+    kernel gradient is TrAct's of the promoted x (float64 reference)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(0, 256, (3, 4, 4, 3)), jnp.int32)
+    options = dict(features=4, kernel_size=(2, 2), strides=2, use_bias=False,
+                   param_dtype=jnp.float64)
+    plain, tract = nn.Conv(**options), tflax.TrActLinenConv(lam=0.1, **options)
+    params = plain.init(jax.random.key(0), x)
+    grad_z = rng.standard_normal((3, 2, 2, 4))
+    assert np.array_equal(tract.apply(params, x), plain.apply(params, x))
+    grad = jax.grad(lambda p: jnp.sum(tract.apply(p, x) * grad_z))(params)["params"]["kernel"]
+    # Disjoint 2x2 patches: rows are the reshaped pixels, (kh, kw, c) order.
+    rows = np.asarray(x, np.float64).reshape(3, 2, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5)
+    rows = rows.reshape(-1, 12)
+    grads = grad_z.reshape(-1, 4)
+    b = rows.shape[0]
+    expected = np.linalg.solve(rows.T @ rows / b + 0.1 * np.eye(12), rows.T @ grads)
+    assert_close(np.asarray(grad).reshape(12, 4), expected, 1e-9)
+
+
 # --------------------------------------------------------------------------- Linen
 
 
@@ -322,65 +435,105 @@ def test_equinox_example_trains_and_pools_the_vmapped_batch():
     assert np.linalg.norm(separate - batched) > 1e-2 * np.linalg.norm(batched)
 
 
-EQX_CONVS = [  # (dims, in, out, kernel, options): every eqx.nn.Conv option the recipe maps
-    (2, 3, 4, 3, dict(use_bias=False)),
-    (2, 3, 4, (3, 2), dict(padding=((1, 2), (0, 1)), padding_mode="REFLECT", stride=2)),
-    (2, 4, 6, 3, dict(padding="SAME", padding_mode="CIRCULAR", groups=2, dilation=(1, 2))),
-    (1, 2, 3, 5, dict(padding=2, padding_mode="REPLICATE", use_bias=False)),
-    (3, 2, 2, 2, dict(padding="VALID", stride=(1, 2, 1))),
-    (2, 3, 5, 4, dict(padding="SAME_LOWER", stride=4)),
+EQX_CONVS = [  # (dims, in, out, kernel, spatial, options): every eqx.nn.Conv option
+    (2, 3, 4, 3, (7, 6), dict(use_bias=False)),
+    (2, 3, 4, (3, 2), (7, 8), dict(padding=((1, 2), (0, 1)), padding_mode="REFLECT",
+                                   stride=2)),
+    (2, 4, 6, 3, (6, 7), dict(padding="SAME", padding_mode="CIRCULAR", groups=2,
+                              dilation=(1, 2))),
+    (1, 2, 3, 5, (9,), dict(padding=2, padding_mode="REPLICATE", use_bias=False)),
+    (3, 2, 2, 2, (4, 5, 3), dict(padding="VALID", stride=(1, 2, 1))),
+    (2, 3, 5, 4, (9, 7), dict(padding="SAME_LOWER", stride=4)),
+    (2, 3, 3, (2, 3), (6, 7), dict(padding=(1, -1), groups=3, stride=(1, 2))),  # depthwise
+    (1, 2, 4, 3, (10,), dict(padding="SAME", padding_mode="REFLECT", stride=3, dilation=2)),
+    (3, 2, 4, 3, (4, 4, 5), dict(padding=1, padding_mode="CIRCULAR", groups=2)),
 ]
 
 
-@pytest.mark.parametrize("dims, c_in, c_out, kernel, options", EQX_CONVS,
-                         ids=[str(i) for i in range(len(EQX_CONVS))])
-def test_equinox_recipe_matches_the_plain_layer(dims, c_in, c_out, kernel, options):
-    """Forward and input gradient as eqx.nn.Conv computes them; the weight gradient is
-    TrAct's (against a float64 reference from explicit patches); no bias, any padding
-    mode."""
+def eqx_receptive_fields(eqx, conv, dims, options, x):
+    """(b, C * K) rows, (channel, taps) order: the plain layer's own padding and conv
+    with one-hot filters, float64, vmapped over the examples of x."""
+    c_in, n_all = conv.in_channels, conv.in_channels * int(np.prod(conv.kernel_size))
+    eye = jnp.eye(n_all).reshape(n_all, c_in, *conv.kernel_size)
+    probe = eqx.nn.Conv(dims, c_in, n_all, conv.kernel_size, use_bias=False,
+                        dtype=jnp.float64, key=jax.random.key(0),
+                        **{k: v for k, v in options.items() if k not in ("use_bias", "groups")})
+    probe = eqx.tree_at(lambda m: m.weight, probe, eye)
+    fields = np.asarray(jax.vmap(probe)(jnp.asarray(x, jnp.float64)))  # (B, C*K, *out)
+    return np.moveaxis(fields.reshape(*fields.shape[:2], -1), 1, -1).reshape(-1, n_all)
+
+
+@pytest.mark.parametrize("index", range(len(EQX_CONVS)))
+def test_equinox_recipe_matches_the_plain_layer(index):
+    """Vmapped over a batch and jitted, as Equinox runs it: forward, input and bias
+    gradients bitwise eqx.nn.Conv's; the weight gradient TrAct's over the whole batch
+    (against a float64 reference from the plain layer's own receptive fields)."""
     need("equinox")
     import equinox as eqx
 
+    dims, c_in, c_out, kernel, spatial, options = EQX_CONVS[index]
+    dtype = "float64" if index % 3 == 0 else "float32"  # one compile per geometry
     example = load_example("equinox_example")
-    with jax.enable_x64(True):
-        conv = eqx.nn.Conv(dims, c_in, c_out, kernel, dtype=jnp.float64,
-                           key=jax.random.key(1), **options)
-        layer = example.TrActConv(conv, lam=0.1)
-        rng = np.random.default_rng(dims)
-        x = jnp.asarray(rng.standard_normal((c_in, *(7,) * dims)))
-        z_plain = conv(x)
-        z = layer(x)
-        np.testing.assert_allclose(z, z_plain, rtol=1e-12, atol=1e-12)
-        g = jnp.asarray(rng.standard_normal(z.shape))
-        gx_plain = jax.grad(lambda x: jnp.sum(conv(x) * g))(x)
-        gx = jax.grad(lambda x: jnp.sum(layer(x) * g))(x)
-        np.testing.assert_allclose(gx, gx_plain, rtol=1e-12, atol=1e-12)
-        grad_w = eqx.filter_grad(lambda m: jnp.sum(m(x) * g))(layer).conv.weight
-        # Patches by the plain layer's own conv with one-hot filters, one per entry.
-        n_all = c_in * int(np.prod(conv.kernel_size))
-        eye = jnp.eye(n_all).reshape(n_all, c_in, *conv.kernel_size)
-        probe = eqx.nn.Conv(dims, c_in, n_all, kernel, use_bias=False, dtype=jnp.float64,
-                            key=jax.random.key(0), **{k: v for k, v in options.items()
-                                                      if k not in ("use_bias", "groups")})
-        probe = eqx.tree_at(lambda m: m.weight, probe, eye)
-        rows = np.asarray(probe(x)).reshape(n_all, -1).T  # (b, C * K), (channel, taps)
+    conv = eqx.nn.Conv(dims, c_in, c_out, kernel, dtype=jnp.dtype(dtype),
+                       key=jax.random.key(1), **options)
+    layer = example.TrActConv(conv, lam=0.1)
+    rng = np.random.default_rng(dims)
+    x = jnp.asarray(rng.standard_normal((2, c_in, *spatial)), dtype)
+    g = jnp.asarray(rng.standard_normal(jax.eval_shape(jax.vmap(conv), x).shape), dtype)
+
+    def run(model, x):
+        def loss(model_and_x):
+            model, x = model_and_x
+            return jnp.sum(jax.vmap(model)(x) * g)
+        return jax.vmap(model)(x), *eqx.filter_grad(loss)((model, x))
+
+    # Jitted, and eager in every other case (op by op it is slow): XLA fuses the jitted
+    # sums alike where eager ops differ.
+    modes = [("jit", eqx.filter_jit(run))] + ([("eager", run)] if index % 2 else [])
+    for mode, fn in modes:
+        z_plain, grads_plain, gx_plain = fn(conv, x)
+        z, grads, gx = fn(layer, x)
+        assert z.dtype == z_plain.dtype and np.array_equal(z, z_plain), mode
+        assert np.array_equal(gx, gx_plain), mode
+        if conv.use_bias:
+            assert np.array_equal(grads.conv.bias, grads_plain.bias), mode
+        else:
+            assert grads.conv.bias is None
+
+    rows = eqx_receptive_fields(eqx, conv, dims, options, x)
     groups = options.get("groups", 1)
     c_g, m_g = c_in // groups, c_out // groups
-    grads = np.asarray(g).reshape(c_out, -1).T
+    grad_rows = np.moveaxis(np.asarray(g, np.float64).reshape(2, c_out, -1), 1, -1)
+    grad_rows = grad_rows.reshape(-1, c_out)
     k = int(np.prod(conv.kernel_size))
     for group in range(groups):
         xg = rows[:, group * c_g * k:(group + 1) * c_g * k]
-        gg = grads[:, group * m_g:(group + 1) * m_g]
+        gg = grad_rows[:, group * m_g:(group + 1) * m_g]
         b, n = xg.shape
         expected = np.linalg.solve(xg.T @ xg / b + 0.1 * np.eye(n), xg.T @ gg).T
-        got = np.asarray(grad_w[group * m_g:(group + 1) * m_g]).reshape(m_g, -1)
-        assert_close(got, expected, 1e-9, f"group {group}")
+        got = np.asarray(grads.conv.weight[group * m_g:(group + 1) * m_g], np.float64)
+        assert_close(got.reshape(m_g, -1), expected, 1e-9 if dtype == "float64" else 2e-5,
+                     f"group {group}")
 
 
-def test_equinox_recipe_refuses_other_modules():
+def test_equinox_recipe_refuses_other_modules_and_shapes_and_takes_empty_batches():
     need("equinox")
     import equinox as eqx
 
     example = load_example("equinox_example")
-    with pytest.raises(TypeError, match=r"eqx\.nn\.Conv"):
-        example.TrActConv(eqx.nn.Linear(3, 4, key=jax.random.key(0)))
+    for module in (eqx.nn.Linear(3, 4, key=jax.random.key(0)),
+                   eqx.nn.ConvTranspose2d(3, 4, 3, key=jax.random.key(0))):
+        with pytest.raises(TypeError, match=rf"eqx.nn.Conv.*{type(module).__name__}"):
+            example.TrActConv(module)
+    conv = eqx.nn.Conv2d(3, 4, 3, padding=1, padding_mode="REFLECT", dtype=jnp.float32,
+                         key=jax.random.key(0))
+    layer = example.TrActConv(conv)
+    with pytest.raises(ValueError, match=r"x must have shape \(in_channels"):
+        layer(jnp.ones((2, 3, 5, 5), jnp.float32))  # a batch: vmap the layer instead
+    with pytest.raises(ValueError, match="lam"):
+        example.TrActConv(conv, lam=0.0)(jnp.ones((3, 5, 5), jnp.float32))
+    # An empty batch: no error, zero gradients, as for the plain layer.
+    grads = eqx.filter_jit(eqx.filter_grad(
+        lambda m: jnp.sum(jax.vmap(m)(jnp.ones((0, 3, 5, 5), jnp.float32)) ** 2)))(layer)
+    assert np.array_equal(grads.conv.weight, np.zeros(conv.weight.shape))
+    assert np.array_equal(grads.conv.bias, np.zeros(conv.bias.shape))

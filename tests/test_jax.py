@@ -522,8 +522,8 @@ def test_backward_can_be_differentiated_again(mode):
 def test_complex_arrays_and_kernels_that_do_not_fit_raise_at_call():
     kernel = jnp.ones((3, 3, 2, 4))
     with pytest.raises(TypeError, match="x must be real"):
-        tj.conv(jnp.ones((1, 5, 5, 2), jnp.complex64), kernel.astype(jnp.complex64))
-    with pytest.raises(TypeError, match="kernel must be real"):
+        tj.conv(jnp.ones((1, 5, 5, 2), jnp.complex64), kernel)
+    with pytest.raises(TypeError, match="kernel must have a real floating dtype"):
         tj.dense(jnp.ones((3, 2)), jnp.ones((2, 4), jnp.complex64))
     with pytest.raises(ValueError, match="does not fit"):
         tj.conv(jnp.ones((1, 2, 2, 2)), kernel)
@@ -531,3 +531,136 @@ def test_complex_arrays_and_kernels_that_do_not_fit_raise_at_call():
         tj.conv(jnp.ones((1, 2, 9, 2)), kernel, kernel_dilation=(1, 2), padding=((0, 0), (1, 1)))
     # Padding that makes it fit is fine, as for the plain lax conv.
     assert tj.conv(jnp.ones((1, 2, 2, 2)), kernel, padding="SAME").shape == (1, 2, 2, 4)
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_dtypes_are_checked_at_call_and_name_the_argument():
+    x, kernel = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    for bad in (jnp.int32, jnp.bool_, jnp.complex64):
+        # TrAct's gradient is for real floating kernels; lax would run an integer one.
+        with pytest.raises(TypeError, match=rf"kernel must .*{jnp.dtype(bad).name}"):
+            tj.dense(jnp.ones((3, 2), bad), jnp.ones((2, 4), bad))
+        with pytest.raises(TypeError, match=rf"kernel must .*{jnp.dtype(bad).name}"):
+            tj.conv(x.astype(bad), kernel.astype(bad))
+    # lax's conv takes one dtype (Flax promotes before it calls): named here, up front.
+    with pytest.raises(TypeError, match=r"x .*int32.*kernel .*float"):
+        tj.conv(x.astype(jnp.int32), kernel)
+    with pytest.raises(TypeError, match=r"x must be real.*complex64"):
+        tj.dense(jnp.ones((3, 2), jnp.complex64), jnp.ones((2, 4)))
+    with pytest.raises(TypeError, match=r"bias must be real.*complex64"):
+        tj.dense(jnp.ones((3, 2)), jnp.ones((2, 4)), jnp.ones(4, jnp.complex64))
+    with pytest.raises(ValueError, match=r"kernel .*window"):
+        tj.conv(x, jnp.ones((0, 3, 2, 4)))
+
+
+@pytest.mark.parametrize("x_dtype", ["int32", "bool"])
+def test_dense_promotes_integer_x_as_lax_does(x_dtype):
+    """lax.dot_general takes an integer x with a float kernel (it promotes): so does
+    dense, forward bitwise lax's, the kernel gradient TrAct's of the promoted rows."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.integers(0, 4, (9, 3)), x_dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+    grad_z = jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)
+    z = tj.dense(x, kernel)
+    assert z.dtype == jnp.float32
+    assert np.array_equal(z, lax.dot_general(x, kernel, (((1,), (0,)), ((), ()))))
+    grad = jax.jit(jax.grad(lambda k: jnp.sum(tj.dense(x, k) * grad_z)))(kernel)
+    rows = np.asarray(x, np.float64)[None]
+    expected = tract_reference(rows, np.asarray(grad_z, np.float64)[None], 0.1)[0]
+    assert_close(np.asarray(grad).T, expected, 1e-5)
+
+
+# One call on an empty batch (N = 0): the plain layer runs and gives zero kernel and bias
+# gradients; so must TrAct, whichever path the geometry takes (b < n is every one of them).
+EMPTY_CASES = [
+    ("dense", (0, 5), (5, 3), None),
+    ("dense_tokens", (0, 4, 5), (5, 3), None),
+    ("conv_n_le_96", (0, 6, 6, 3), (3, 3, 3, 4), dict(padding="SAME")),
+    ("conv_n_gt_96_stem", (0, 9, 9, 3), (7, 7, 3, 4), dict(strides=2, padding=3)),
+    ("conv_grouped_dilated", (0, 7, 7, 4), (3, 3, 2, 4),
+     dict(feature_group_count=2, kernel_dilation=2)),
+    ("conv_disjoint_patches", (0, 8, 8, 3), (4, 4, 3, 5), dict(strides=4)),
+    ("conv1d", (0, 8, 3), (3, 3, 5), dict(padding=[(2, 0)])),
+    ("conv3d", (0, 4, 4, 4, 2), (2, 2, 2, 2, 3), dict(strides=(1, 2, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, options",
+                         [c[1:] for c in EMPTY_CASES], ids=[c[0] for c in EMPTY_CASES])
+def test_empty_batch_gives_zero_kernel_grads(x_shape, kernel_shape, options):
+    op = tj.dense if options is None else functools.partial(tj.conv, **options)
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
+    bias = jnp.ones(kernel_shape[-1], jnp.float32)
+    x = jnp.zeros(x_shape, jnp.float32)
+
+    def loss(kernel, bias, x):
+        return jnp.sum(op(x, kernel, bias) ** 2)
+
+    def per_example(kernel, bias, x):  # Equinox style: vmapped over zero examples
+        return jnp.sum(jax.vmap(lambda xi: loss(kernel, bias, xi[None]))(x))
+
+    @jax.jit
+    def traced(kernel, bias, x):
+        shares = jax.vmap(jax.grad(loss), in_axes=(None, None, 0))(kernel, bias, x[:, None])
+        return jax.grad(loss, (0, 1))(kernel, bias, x), jax.grad(per_example, (0, 1))(
+            kernel, bias, x), shares
+
+    eager = jax.grad(loss, (0, 1))(kernel, bias, x)
+    jitted, vmapped, shares = traced(kernel, bias, x)
+    for name, (grad_kernel, grad_bias) in [("eager", eager), ("jit", jitted),
+                                           ("vmap", vmapped)]:
+        assert grad_kernel.shape == kernel.shape and grad_kernel.dtype == jnp.float32, name
+        assert np.array_equal(grad_kernel, np.zeros(kernel.shape)), name
+        assert np.array_equal(grad_bias, np.zeros(bias.shape)), name
+    assert shares.shape == (0, *kernel.shape)
+
+
+# Random geometries (seeded): per-example shares under vmap(grad) against their
+# definition, G_i^T X_i (X^T X / b + lam I)^-1 with X every example's rows.
+def _random_conv_geometry(seed):
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 4))
+    groups = int(rng.choice([1, 2]))
+    c_in, m = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+    window = tuple(int(k) for k in rng.integers(1, 4, d))
+    options = dict(strides=tuple(int(s) for s in rng.integers(1, 3, d)),
+                   kernel_dilation=tuple(int(s) for s in rng.integers(1, 3, d)),
+                   padding=str(rng.choice(["SAME", "VALID", "PAIRS"])),
+                   feature_group_count=groups)
+    if options["padding"] == "PAIRS":
+        options["padding"] = [tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(d)]
+    dilated = [(k - 1) * r + 1 for k, r in zip(window, options["kernel_dilation"])]
+    spatial = tuple(int(s) + k for s, k in zip(rng.integers(0, 4, d), dilated))
+    examples = int(rng.integers(1, 4))
+    return (examples, *spatial, c_in), (*window, c_in // groups, m), options
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_example_conv_shares_match_their_definition(seed):
+    x_shape, kernel_shape, options = _random_conv_geometry(seed)
+    rng = np.random.default_rng(100 + seed)
+    x = rng.standard_normal(x_shape)
+    kernel = rng.standard_normal(kernel_shape)
+    op = functools.partial(tj.conv, lam=0.1, **options)
+    grad_z = rng.standard_normal(jax.eval_shape(op, x, kernel).shape)
+
+    def example_loss(kernel, xi, gi):
+        return jnp.sum(op(xi[None], kernel) * gi[None])
+
+    shares = jax.jit(jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0)))(kernel, x, grad_z)
+    rows = patches_reference(jnp.asarray(x), kernel_shape, options)  # (g, b, n)
+    g, b, n = rows.shape
+    m_g = kernel_shape[-1] // g
+    grads = grad_z.reshape(-1, g, m_g).transpose(1, 0, 2)
+    system = np.swapaxes(rows, -1, -2) @ rows / b + 0.1 * np.eye(n)
+    per_example = b // x.shape[0]
+    for i in range(x.shape[0]):
+        mine = slice(i * per_example, (i + 1) * per_example)
+        plain = np.swapaxes(grads[:, mine], -1, -2) @ rows[:, mine]  # (g, m/g, n)
+        share = np.swapaxes(np.linalg.solve(system, np.swapaxes(plain, -1, -2)), -1, -2)
+        expected = share.reshape(kernel_shape[-1], *kernel_to_torch(kernel).shape[1:])
+        assert_close(kernel_to_torch(shares[i]), expected, 1e-9,
+                     f"example {i} of {x_shape} {kernel_shape} {options}")

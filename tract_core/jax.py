@@ -122,7 +122,8 @@ class _Dense:
     def gram(self, x, kernel):
         """(1, n, n): X^T X over the rows of all segments."""
         rows = jnp.reshape(x, (1, math.prod(x.shape[:-1]), kernel.shape[0]))
-        return _tc.gram(rows.astype(_compute_dtype(x.dtype)))
+        # With the kernel's dtype: an integer x is promoted, as lax.dot_general does.
+        return _tc.gram(rows.astype(_compute_dtype(x.dtype, kernel.dtype)))
 
     def statistics(self, x, grad_z, kernel):
         """(plain_grads, gram): each segment's G_s^T X_s and X^T X over all segments."""
@@ -523,13 +524,23 @@ def _varying_alike(*arrays):
 # --------------------------------------------------------------------------- public API
 
 
-def _check_real(**arrays):
-    """TrAct's gradient is defined for real layers: integer inputs are left to lax (as
-    for the plain layer), complex ones refused up front rather than in backward."""
-    for name, array in arrays.items():
+def _check_dtypes(x, kernel, bias, *, same_dtype):
+    """TypeError naming the argument, at call time rather than in backward: TrAct's
+    gradient is for a real floating kernel; x and bias must be real. ``same_dtype``:
+    lax's conv takes one dtype (Flax layers promote before they call it), while
+    lax.dot_general promotes an integer x itself."""
+    kernel_dtype = jnp.result_type(kernel)
+    if not jnp.issubdtype(kernel_dtype, jnp.floating):
+        raise TypeError(f"kernel must have a real floating dtype (TrAct's gradient is a "
+                        f"float solve), got dtype {kernel_dtype}")
+    for name, array in (("x", x), ("bias", bias)):
         if array is not None and jnp.iscomplexobj(array):
             raise TypeError(f"{name} must be real (TrAct's gradient is defined for real "
                             f"layers), got dtype {jnp.result_type(array)}")
+    if same_dtype and jnp.result_type(x) != kernel_dtype:
+        raise TypeError(f"x (dtype {jnp.result_type(x)}) and kernel (dtype {kernel_dtype}) "
+                        f"must have the same dtype, as lax.conv_general_dilated requires; "
+                        f"cast x first")
 
 
 def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
@@ -537,7 +548,8 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
 
     Args:
         x: (..., n); every leading position is a row of the Gram (tokens count as rows).
-        kernel: (n, m), Flax layout.
+            Real; an integer x is promoted to the kernel's dtype, as by lax.
+        kernel: (n, m), Flax layout, a real floating dtype.
         bias: (m,) or None.
         lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
         precision: passed to ``lax.dot_general`` for the forward and input gradient.
@@ -559,7 +571,7 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
         raise ValueError(f"x must have shape (..., {jnp.shape(kernel)[0]}) to match kernel "
                          f"{tuple(jnp.shape(kernel))}, got shape {tuple(jnp.shape(x))}")
     check_bias_shape(None if bias is None else jnp.shape(bias), jnp.shape(kernel)[1])
-    _check_real(x=x, kernel=kernel, bias=bias)
+    _check_dtypes(x, kernel, bias, same_dtype=False)
     layer = _Dense(lam, _precision(precision), _axis_name(axis_name))
     return _tract_op(layer)(*_varying_alike(x, kernel, bias))
 
@@ -569,8 +581,10 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:
-        x: (N, *spatial, C).
-        kernel: (*window, C / feature_group_count, M), Flax / ``lax`` HWIO layout.
+        x: (N, *spatial, C), the kernel's dtype (as ``lax.conv_general_dilated``
+            requires).
+        kernel: (*window, C / feature_group_count, M), Flax / ``lax`` HWIO layout, a
+            real floating dtype; the (dilated) window must fit the padded input.
         bias: (M,) or None.
         strides: int or one int per spatial axis.
         padding: 'SAME', 'VALID', 'SAME_LOWER', an int (same on both sides of every
@@ -593,9 +607,9 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
     """
     lam = _tc.check_lam(lam)
     k_ndim = jnp.ndim(kernel)
-    if k_ndim not in (3, 4, 5):
+    if k_ndim not in (3, 4, 5) or 0 in jnp.shape(kernel)[:-2]:
         raise ValueError(f"kernel must have shape (*window, C/groups, M) with 1 to 3 spatial "
-                         f"axes, got shape {tuple(jnp.shape(kernel))}")
+                         f"axes, each window size >= 1, got shape {tuple(jnp.shape(kernel))}")
     spatial = k_ndim - 2
     if jnp.ndim(x) != k_ndim:
         raise ValueError(f"x must have shape (N, *spatial, C) with {spatial} spatial axes to "
@@ -620,7 +634,7 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         precision=_precision(precision),
         axis_name=_axis_name(axis_name),
     )
-    _check_real(x=x, kernel=kernel, bias=bias)
+    _check_dtypes(x, kernel, bias, same_dtype=True)
     spatial, window = tuple(jnp.shape(x)[1:-1]), tuple(jnp.shape(kernel)[:-2])
     padded = [s + lo + hi for s, (lo, hi) in zip(spatial, layer.pads(spatial, window))]
     if any(o <= 0 for o in _tc.conv_output_shape(padded, window, layer.strides,

@@ -332,13 +332,7 @@ def _tract_active(weight):
 
 
 def _options(lam, sync, process_group):
-    if not torch.compiler.is_compiling():
-        return _Options(_tc.check_lam(lam), bool(sync), process_group)
-    # check_lam's test by comparisons: compiled, a lam that changed between calls is a
-    # symbolic float (automatic dynamic), which its math.isfinite cannot take.
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < math.inf:
-        raise ValueError("lam must be a finite real number > 0")
-    return _Options(lam, bool(sync), process_group)
+    return _Options(_tc.check_lam(lam), bool(sync), process_group)
 
 
 def _check_real(z, weight, x):

@@ -83,8 +83,9 @@ def statistics_dtype(xp, dtype, device=None, name="x"):
 
 
 def _check_lam_fits(xp, lam, dtype):
-    if lam >= xp.finfo(dtype).max:
-        raise ValueError(f"lam must be below the largest {dtype} ({xp.finfo(dtype).max}), "
+    largest = float(xp.finfo(dtype).max)
+    if lam >= largest:
+        raise ValueError(f"lam must be below the largest {dtype} ({largest}), "
                          f"the dtype of the solve; got {lam!r}")
 
 

@@ -10,19 +10,17 @@ cupy arrays. Framework adapters live in ``tract_core.torch``, ``tract_core.jax``
 package imports none of those frameworks.
 """
 
+from ._conv_gram import conv_gram
 from ._core import (
     check_lam,
-    conv_gram,
     conv_moments,
-    conv_output_shape,
-    conv_patches,
-    disjoint_patches,
+    conv_weight_grad,
     gram,
     precondition,
-    precondition_rows,
     statistics_dtype,
     weight_grad,
 )
+from ._patches import conv_output_shape, conv_patches, disjoint_patches
 
 __all__ = [
     "check_lam",
@@ -30,10 +28,10 @@ __all__ = [
     "conv_moments",
     "conv_output_shape",
     "conv_patches",
+    "conv_weight_grad",
     "disjoint_patches",
     "gram",
     "precondition",
-    "precondition_rows",
     "statistics_dtype",
     "weight_grad",
 ]

@@ -1,11 +1,10 @@
-"""Argument checks and helpers shared by the channels-last adapters (JAX, TensorFlow).
+"""Argument checks shared by the adapters: per-axis values, padding, bias shapes.
 
 No framework is imported here.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Sequence
 
@@ -57,15 +56,16 @@ def check_bias_shape(shape, m):
                          f"got shape {tuple(shape)}")
 
 
-@functools.cache
-def fft_size(length):
-    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
-    size = max(length, 1)
-    while True:
-        rest = size
-        for prime in (2, 3, 5, 7):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
+def resolve_pads(padding, spatial, window, strides, dilation):
+    """(lo, hi) per spatial axis from :func:`conv_padding`'s result. 'SAME' as XLA, TF
+    and Keras resolve it (the odd pixel goes high), 'SAME_LOWER' (it goes low)."""
+    if not isinstance(padding, str):
+        return tuple(padding)
+    if padding == "VALID":
+        return ((0, 0),) * len(spatial)
+    pads = []
+    for size, k, s, d in zip(spatial, window, strides, dilation):
+        total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
+        low = total // 2 if padding == "SAME" else total - total // 2
+        pads.append((low, total - low))
+    return tuple(pads)

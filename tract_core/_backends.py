@@ -1,11 +1,25 @@
-"""Cholesky solves on each array library's own linear algebra, and index constants.
+"""What differs between array libraries, as primitives the core calls.
 
-The array API standard has ``linalg.cholesky`` but no triangular solve, so the one
-operation the core cannot write portably lives here: one small class per library,
-chosen from the array's namespace, importing only what the caller already imported
-(the way einops picks its backends). ``constant`` moves the core's precomputed numpy
-index arrays to the arrays' device; for eager PyTorch it does so once per device, so a
-backward on a GPU copies nothing from the host.
+The core writes TrAct's math once against the array API. What the standard lacks or a
+library does better is here, one small class per library, picked from the arrays'
+namespace and importing only what the caller already imported (the way einops picks
+its backends):
+
+- ``spd_solve``: Cholesky, then two triangular solves (no triangular solve in the
+  standard); NaN/Inf in the matrix give NaN, with no host round trip.
+- ``has_float64``: whether the core's statistics can be float64 on a device.
+- ``constant``: the core's numpy index arrays on the arrays' device (made once per
+  device in eager PyTorch, so a GPU backward copies nothing from the host).
+- ``filter_grad``: the library's own conv weight-gradient kernel, ``G^T X`` of a conv;
+  ``correlate``: the same at stride 1, the structured Gram's correlations.
+- ``few_patch_entries``: up to how many entries per patch explicit patches' matmuls
+  beat ``filter_grad`` and the structured Gram (everywhere for a library without a
+  conv kernel).
+- ``batch_size`` and ``sum_over_chunks``: a batch size that may be unknown until run
+  time (TensorFlow graphs), and a sum over chunks of images that bounds memory.
+
+A namespace that brings its own ``spd_solve`` (the TensorFlow adapter's) is its own
+backend.
 """
 
 from __future__ import annotations
@@ -14,20 +28,18 @@ import math
 
 import array_api_compat
 
+from . import _conv_gram
+
 
 class _Generic:
-    """Any array-API namespace (numpy, cupy, array-api-strict): factor, then two solves."""
+    """Any array-API namespace (numpy, cupy, array-api-strict)."""
 
-    # conv_moments: sum per-image matmuls rather than one matmul over a transposed copy.
-    prefers_batched_matmul = False
-    frame_by_slices = False  # conv_gram's frame: gathered (see _Torch)
-    gram_by_halves = False  # wide Grams in blocks of 192 columns (see _Torch)
+    few_patch_entries = math.inf  # no conv kernel: explicit patches everywhere
 
     def __init__(self, xp):
         self.xp = xp
 
     def has_float64(self, device):
-        """Whether float64 arrays can live on ``device`` (the core's statistics dtype)."""
         return True
 
     def constant(self, key, array, dtype, device):
@@ -35,9 +47,9 @@ class _Generic:
         return self.xp.asarray(array, dtype=dtype, device=device)
 
     def spd_solve(self, a, rhs):
+        """``a^-1 rhs`` for symmetric positive definite ``a`` (..., n, n), rhs (..., n, k)."""
         xp = self.xp
-        finite = xp.all(xp.isfinite(a))
-        if not bool(finite):  # eager libraries only: let NaN/Inf through as NaN
+        if not bool(xp.all(xp.isfinite(a))):  # eager libraries only: NaN/Inf give NaN
             device = array_api_compat.device(rhs)
             return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=device)
         chol = xp.linalg.cholesky(a)
@@ -45,17 +57,33 @@ class _Generic:
         half = xp.linalg.solve(chol, rhs)
         return xp.linalg.solve(xp.linalg.matrix_transpose(chol), half)
 
+    def correlate(self, g, y, shifts):
+        """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u] for u < shifts per axis."""
+        return _conv_gram.correlate_by_slices(self.xp, g, y, shifts)
+
+    @staticmethod
+    def batch_size(x):
+        return x.shape[0]
+
+    @staticmethod
+    def sum_over_chunks(function, arrays, images):
+        """``function(*chunk)`` summed over chunks of at most ``images`` images of
+        ``arrays`` (equal batch sizes; balanced chunks). No images: one empty chunk."""
+        count = arrays[0].shape[0]
+        chunks = max(1, -(-count // images))
+        step = max(1, -(-count // chunks))
+        total = None
+        for lo in range(0, max(count, 1), step):
+            part = function(*(a[lo:lo + step] for a in arrays))
+            total = part if total is None else tuple(t + p for t, p in zip(total, part))
+        return total
+
 
 class _Torch(_Generic):
-    prefers_batched_matmul = True  # measured on CPU: ~1.5 ms less for a CIFAR ViT-4 stem
-    # conv_gram's frame from static slices, not a gather. Measured on CPU, frame alone:
-    # 7x7/2 ImageNet stem 24-27 ms vs 31-34, 3x3 CIFAR stem 2.8 vs 2.8-4.1 (XLA runs the
-    # gather faster: JAX 7x7/2 Gram 132 ms vs 158 with slices).
-    frame_by_slices = True
-    # Wide Grams by recursive halves. Measured on CPU against blocks of 192 columns:
-    # 5-18% faster for n = 588 to 3072 (ViT-16's 768: 25.9 vs 27.2 ms); under XLA the
-    # halves ran slower (JAX 39 vs 29 ms, TensorFlow 32.5 vs 29 ms), so only here.
-    gram_by_halves = True
+    # Overlapping patches of up to this many entries per group: explicit float64 patches'
+    # matmuls (MKL) beat float64 conv kernels, which have no oneDNN path (7x7/2 stem,
+    # n = 147: about 0.6x the time).
+    few_patch_entries = 160
 
     def __init__(self, xp):
         import torch
@@ -80,42 +108,35 @@ class _Torch(_Generic):
     def has_float64(device):
         return getattr(device, "type", device) != "mps"  # Apple GPUs have no float64
 
-    @staticmethod
-    def frame_strips(x):
-        """conv_gram's frame strips as one product per position, on the rows reading
-        outside, on CPU (measured, 7x7/2 stem: frame 14-19% faster); elsewhere masked
-        boxes, whose fewer operations suit a GPU, where launches cost more than flops."""
-        return x.device.type == "cpu"
-
     def spd_solve(self, a, rhs):
         torch = self.torch
         # cholesky_ex never raises nor syncs with the host: failures and NaN/Inf become NaN.
         chol, info = torch.linalg.cholesky_ex(a)
-        if rhs.device.type == "cpu" and rhs.shape[-1] >= _MANY_RIGHT_HAND_SIDES:
-            # rhs^T A^-1 by right-side triangular solves: measured on CPU (torch's MKL),
-            # 0.5-0.95x the time of cholesky_solve for n = 27 to 3072 with m >= 64
-            # right-hand sides (ViT-16: 3.3-3.4 vs 4.7-4.9 ms), but 1.7-5x the time for m <= 24.
-            rows = torch.linalg.solve_triangular(chol.mT, rhs.mT, upper=True, left=False)
-            out = torch.linalg.solve_triangular(chol, rows, upper=False, left=False).mT
-        else:
-            out = torch.cholesky_solve(rhs, chol)
+        out = torch.cholesky_solve(rhs, chol)
         failed = (info != 0)[..., None, None]
         poison = a.sum(dim=(-2, -1), keepdim=True) * 0  # NaN/Inf anywhere in a -> NaN
         return torch.where(failed, torch.nan, out) + poison
 
+    def filter_grad(self, x, grad_z, kernel_size, stride, dilation, groups):
+        """The conv's ``G^T X`` as (M, C / groups, *kernel_size), x already padded."""
+        d = len(kernel_size)
+        weight = x.new_empty(1).expand(grad_z.shape[1], x.shape[1] // groups, *kernel_size)
+        return self.torch.ops.aten.convolution_backward(
+            grad_z, x, weight, None, list(stride), [0] * d, list(dilation), False,
+            [0] * d, groups, [False, True, False])[1]
 
-_MANY_RIGHT_HAND_SIDES = 64  # from here _Torch solves on CPU from the right
+    def correlate(self, g, y, shifts):
+        return self.filter_grad(y, g, shifts, (1,) * len(shifts), (1,) * len(shifts), 1)
 
 
 class _Jax(_Generic):
     # constant: jnp.asarray, a compile-time constant under jit (a cache would leak tracers).
+    few_patch_entries = 96
 
     def __init__(self, xp):
         import jax
-        from jax import lax
 
         self.xp = xp
-        self.lax = lax
         self.jax = jax
 
     def has_float64(self, device):
@@ -126,20 +147,37 @@ class _Jax(_Generic):
     def spd_solve(self, a, rhs):
         # jnp's Cholesky returns NaN where the factorization fails; that flows on.
         chol = self.xp.linalg.cholesky(a)
-        solve = self.lax.linalg.triangular_solve
+        solve = self.jax.lax.linalg.triangular_solve
         half = solve(chol, rhs, left_side=True, lower=True)
         return solve(chol, half, left_side=True, lower=True, transpose_a=True)
+
+    def filter_grad(self, x, grad_z, kernel_size, stride, dilation, groups):
+        lax = self.jax.lax
+        d = len(kernel_size)
+        spec = "NC" + "DHW"[3 - d:]
+        numbers = lax.conv_dimension_numbers(x.shape, (1, 1, *kernel_size),
+                                             (spec, "OI" + spec[2:], spec))
+
+        def conv(weight):
+            return lax.conv_general_dilated(
+                x, weight, stride, [(0, 0)] * d, rhs_dilation=dilation,
+                dimension_numbers=numbers, feature_group_count=groups,
+                precision=lax.Precision.HIGHEST)
+
+        shape = (grad_z.shape[1], x.shape[1] // groups, *kernel_size)
+        weight = self.xp.zeros(shape, dtype=x.dtype)
+        return self.jax.vjp(conv, weight)[1](grad_z)[0]
+
+    def correlate(self, g, y, shifts):
+        # XLA's CPU convolutions are slow on a window as large as the image; FFTs are not.
+        return _conv_gram.correlate_by_fft(self.xp, g, y, shifts)
 
 
 _BY_NAMESPACE = {}  # a plain memo: torch.compile traces through it without warnings
 
 
 def backend(xp):
-    """The Cholesky-solve backend for array namespace ``xp``.
-
-    A namespace that brings its own ``spd_solve(a, rhs)`` (an adapter's shim for a
-    library outside array-api-compat, such as TensorFlow) is its own backend.
-    """
+    """The primitives for array namespace ``xp``."""
     if hasattr(xp, "spd_solve"):
         return xp
     key = getattr(xp, "__name__", None) or id(xp)  # modules: by name, which dynamo traces

@@ -1,0 +1,115 @@
+"""A convolution's patches (its rows X) and their explicit products.
+
+This is the reference the structured Gram (:mod:`tract_core._conv_gram`) is tested
+against, and the fast path wherever a patch has few entries (stems: 3 channels), since
+matmuls on explicit patches then beat a framework's conv weight-gradient kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import array_api_compat
+
+
+def conv_output_shape(spatial, kernel_size, stride, dilation):
+    """Output positions per spatial axis of an unpadded ('VALID') convolution."""
+    return tuple((s - d * (k - 1) - 1) // st + 1
+                 for s, k, st, d in zip(spatial, kernel_size, stride, dilation))
+
+
+def disjoint_patches(kernel_size, stride, dilation) -> bool:
+    """True when no two receptive fields share an input element (ViT patch embeddings)."""
+    return all(k <= st and (k == 1 or d == 1) for k, st, d in zip(kernel_size, stride, dilation))
+
+
+def conv_patches(x, kernel_size, stride, dilation, groups=1, *, xp=None):
+    """Rows X of a convolution: every receptive field, one row each, per group.
+
+    Args:
+        x: (N, C, *spatial) channels-first input, already padded.
+        kernel_size, stride, dilation: one int per spatial axis.
+        groups: feature groups; C must be divisible by it.
+
+    Returns:
+        (groups, N * L, (C / groups) * prod(kernel_size)), L output positions. Rows are
+        ordered (N, *out_spatial) and columns (channel, *kernel offsets), so that row r
+        of group g dotted with ``weight[g-th block].reshape(M / groups, -1)`` is the
+        output. It may be a transposed view of a contiguous (groups, n_g, N * L) array.
+    """
+    xp = xp or array_api_compat.array_namespace(x)
+    columns = _image_patches(xp, x, kernel_size, stride, dilation, groups)  # (N, g, n_g, L)
+    columns = xp.reshape(xp.permute_dims(columns, (1, 2, 0, 3)), (groups, columns.shape[2], -1))
+    return xp.linalg.matrix_transpose(columns)
+
+
+def _image_patches(xp, x, kernel_size, stride, dilation, groups):
+    """Each image's patches as columns, (N, groups, n_g, L), rows (channel, *offsets).
+
+    Disjoint patches that tile the input are a reshape and one transposed copy;
+    otherwise the taps' strided slices are stacked (one copy).
+    """
+    _, channels, *spatial = x.shape
+    out = conv_output_shape(spatial, kernel_size, stride, dilation)
+    if any(o <= 0 for o in out):
+        raise ValueError(f"kernel_size {tuple(kernel_size)} with dilation {tuple(dilation)} "
+                         f"does not fit the padded input of spatial shape {tuple(spatial)}")
+    per_group = channels // groups * math.prod(kernel_size)
+    d = len(out)
+    if disjoint_patches(kernel_size, stride, dilation) and all(
+            n * st <= size for n, st, size in zip(out, stride, spatial)):
+        tiles = x[(slice(None), slice(None), *(slice(0, n * st) for n, st in zip(out, stride)))]
+        split = [v for n, st in zip(out, stride) for v in (n, st)]
+        tiles = xp.reshape(tiles, (-1, channels, *split))  # N may be unknown (TF graphs)  # (N, C, L0, s0, L1, s1, ...)
+        tiles = tiles[(slice(None), slice(None),
+                       *(v for k in kernel_size for v in (slice(None), slice(0, k))))]
+        order = (0, 1, *(3 + 2 * a for a in range(d)), *(2 + 2 * a for a in range(d)))
+        return xp.reshape(xp.permute_dims(tiles, order),
+                          (-1, groups, per_group, math.prod(out)))
+    taps = []
+    for offsets in itertools.product(*(range(k) for k in kernel_size)):
+        window = tuple(slice(o * dl, o * dl + st * (n - 1) + 1, st)
+                       for o, dl, st, n in zip(offsets, dilation, stride, out))
+        taps.append(x[(slice(None), slice(None), *window)])
+    patches = xp.stack(taps, axis=2)  # (N, C, K, *out)
+    return xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
+
+
+_PATCH_CHUNK = 1 << 22  # patch entries extracted at once (32 MiB in float64)
+
+
+def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
+    """``G^T X`` and ``X^T X`` of a convolution from its explicit patches.
+
+    Images go in chunks of about ``_PATCH_CHUNK`` patch entries, each chunk's per-image
+    products summed, so that memory stays bounded.
+
+    Args:
+        x: (N, C, *spatial) channels-first input, already padded.
+        grad_z: (N, M, *out) the gradient of the layer's output.
+        kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
+
+    Returns:
+        ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g), in the dtype of x.
+    """
+    from ._backends import backend
+
+    xp = xp or array_api_compat.array_namespace(x, grad_z)
+    m = grad_z.shape[1]
+    n_g = x.shape[1] // groups * math.prod(kernel_size)
+    positions = math.prod(grad_z.shape[2:])
+
+    def products(x, grad_z):
+        patches = _image_patches(xp, x, kernel_size, stride, dilation, groups)
+        flat = xp.reshape(patches, (-1, n_g, positions))  # one batch axis: (images g)
+        grads = xp.reshape(grad_z, (-1, m // groups, positions))
+        # X^T G rather than G^T X: the product with the patches on the left runs faster.
+        moment = xp.matmul(flat, xp.linalg.matrix_transpose(grads))
+        gram = xp.matmul(flat, xp.linalg.matrix_transpose(flat))
+        return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
+                xp.sum(xp.reshape(gram, (-1, groups, n_g, n_g)), axis=0))
+
+    images = max(1, _PATCH_CHUNK // max(1, groups * n_g * positions))
+    moment, gram = backend(xp).sum_over_chunks(products, (x, grad_z), images)
+    return xp.linalg.matrix_transpose(moment), gram

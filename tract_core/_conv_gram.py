@@ -38,8 +38,8 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
         (groups, n_g, n_g) in the statistics dtype, n_g = C / groups * prod(kernel_size),
         equal to the Gram of :func:`tract_core.conv_patches`.
     """
-    from ._core import gram, statistics_dtype  # the math module sits above this one
     from ._backends import backend
+    from ._core import gram, statistics_dtype  # the math module sits above this one
 
     xp = xp or array_api_compat.array_namespace(x)
     device = array_api_compat.device(x)

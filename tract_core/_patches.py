@@ -61,7 +61,7 @@ def _image_patches(xp, x, kernel_size, stride, dilation, groups):
             n * st <= size for n, st, size in zip(out, stride, spatial)):
         tiles = x[(slice(None), slice(None), *(slice(0, n * st) for n, st in zip(out, stride)))]
         split = [v for n, st in zip(out, stride) for v in (n, st)]
-        tiles = xp.reshape(tiles, (-1, channels, *split))  # N may be unknown (TF graphs)  # (N, C, L0, s0, L1, s1, ...)
+        tiles = xp.reshape(tiles, (-1, channels, *split))  # (N, C, L0, s0, ...), N maybe unknown
         tiles = tiles[(slice(None), slice(None),
                        *(v for k in kernel_size for v in (slice(None), slice(0, k))))]
         order = (0, 1, *(3 + 2 * a for a in range(d)), *(2 + 2 * a for a in range(d)))

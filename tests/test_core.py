@@ -10,7 +10,7 @@ import pytest
 from conftest import CONV_CASES, LINEAR_CASES, assert_close, case_id, to_numpy
 
 import tract_core as tc
-from tract_core import _backends, _core
+from tract_core import _backends
 
 NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -64,19 +64,36 @@ def test_conv_patches_reproduce_the_convolution(xp, case):
     assert_close(z, case.z, 1e-13, case.name)
 
 
-def test_woodbury_and_gram_forms_agree(xp):
-    """b < n: the b x b forms equal the n x n Gram form (float64, well conditioned)."""
+def test_push_through_and_gram_forms_agree(xp):
+    """b < n: the b x b form equals the n x n Gram form (float64, well conditioned); a
+    replica sum (here the identity) takes the n x n form."""
     rng = np.random.default_rng(1)
     x, g = rng.standard_normal((3, 5, 12)), rng.standard_normal((3, 5, 4))
     plain = np.swapaxes(g, -1, -2) @ x
     gram_form = tc.precondition(asarray(xp, plain), tc.gram(asarray(xp, x)), 5, 0.3)
     pushed = tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.3)
-    woodbury = tc.precondition_rows(asarray(xp, plain), asarray(xp, x), 0.3)
+    summed = tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.3, replica_sum=lambda *s: s)
     assert_close(pushed, to_numpy(gram_form), 1e-12)
-    assert_close(woodbury, to_numpy(gram_form), 1e-12)
+    assert_close(summed, to_numpy(gram_form), 1e-12)
 
 
-@pytest.mark.parametrize("m", [3, 100])  # few and many right-hand sides (torch: two ways)
+def test_conv_weight_grad_forms_agree(xp):
+    """A conv with fewer patches than entries (b < n): the b x b form from the patches
+    equals the n x n form of its statistics, and both match a float64 reference."""
+    rng = np.random.default_rng(11)
+    x, grads = rng.standard_normal((1, 4, 6, 6)), rng.standard_normal((1, 2, 2, 2))
+    patches = tc.conv_patches(x, (5, 5), (1, 1), (1, 1))[0]  # b = 4 rows of n = 100
+    rows = grads.reshape(2, 4).T
+    expected = rows.T @ patches @ np.linalg.inv(patches.T @ patches / 4 + 0.2 * np.eye(100))
+    args = ((5, 5), (1, 1), (1, 1), 1, 0.2)
+    pushed = tc.conv_weight_grad(asarray(xp, x), asarray(xp, grads), *args)
+    summed = tc.conv_weight_grad(asarray(xp, x), asarray(xp, grads), *args,
+                                 replica_sum=lambda *s: s)
+    assert_close(pushed, expected[None], 1e-10, "push-through")
+    assert_close(summed, expected[None], 1e-10, "n x n")
+
+
+@pytest.mark.parametrize("m", [3, 100])
 def test_precondition_solves_the_system(xp, m):
     """precondition(P, K, b, lam) @ (K / b + lam I) == P: the defining equation."""
     rng = np.random.default_rng(2)
@@ -210,7 +227,7 @@ def check_smooth_images(xp, images, x64, g64, k, s, size):
     padded = asarray(xp, images, xp.float32)
     out = (size - k) // s + 1
     grads = asarray(xp, g64.reshape(3, out, out, 8).transpose(0, 3, 1, 2), xp.float32)
-    plain, gram, _ = tc.conv_moments(padded, grads, (k, k), (s, s), (1, 1))
+    plain, gram = tc.conv_moments(padded, grads, (k, k), (s, s), (1, 1))
     assert gram.dtype == xp.float64
     assert_close(tc.precondition(plain, gram, b, 0.1)[0], expected, 1e-6, "conv_moments")
     gram = tc.conv_gram(padded, (k, k), (s, s), (1, 1))
@@ -243,9 +260,8 @@ def test_no_rows_give_a_zero_gradient(xp):
     assert_close(tc.precondition(zeros, asarray(xp, np.zeros((5, 5))), 0, 0.1),
                  np.zeros((3, 5)), 0, "precondition")
     images, grads = asarray(xp, np.ones((0, 2, 6, 6))), asarray(xp, np.ones((0, 4, 4, 4)))
-    plain, gram, bias = tc.conv_moments(images, grads, (3, 3), (1, 1), (1, 1))
-    for name, value, shape in (("plain", plain, (1, 4, 18)), ("gram", gram, (1, 18, 18)),
-                               ("bias", bias, (4,))):
+    plain, gram = tc.conv_moments(images, grads, (3, 3), (1, 1), (1, 1))
+    for name, value, shape in (("plain", plain, (1, 4, 18)), ("gram", gram, (1, 18, 18))):
         assert_close(value, np.zeros(shape), 0, name)
     assert_close(tc.conv_gram(images, (3, 3), (1, 1), (1, 1)), np.zeros((1, 18, 18)), 0,
                  "conv_gram")
@@ -296,17 +312,8 @@ def random_geometries(count, seed):
         yield rng.standard_normal((2, 2 * groups, *spatial)), kernel, stride, dilation, groups
 
 
-@pytest.mark.parametrize("chunk", [None, 1], ids=["one_chunk", "smallest_chunks"])
-@pytest.mark.parametrize("frame", ["gathered", "by_slices", "by_slices_masked"])
-def test_conv_gram_on_random_geometries(frame, chunk, monkeypatch):
-    """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups; the
-    frame gathered (XLA's way) or from slices (torch's: strips on the rows reading
-    outside, as on CPU, or masked boxes, as on GPUs), in one chunk or the smallest."""
-    monkeypatch.setattr(_backends._Generic, "frame_by_slices", frame != "gathered")
-    monkeypatch.setattr(_backends._Generic, "frame_strips",
-                        staticmethod(lambda x: frame == "by_slices"), raising=False)
-    if chunk is not None:
-        monkeypatch.setattr(_core, "_FRAME_CHUNK", chunk)
+def test_conv_gram_on_random_geometries():
+    """Strides, dilations, kernels larger than the stride or not, 1-3 axes, groups."""
     for x, kernel, stride, dilation, groups in random_geometries(150, seed=6):
         patches = tc.conv_patches(x, kernel, stride, dilation, groups)
         expected = np.swapaxes(patches, -1, -2) @ patches
@@ -317,41 +324,62 @@ def test_conv_gram_on_random_geometries(frame, chunk, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(50, 700), (2, 30, 129), (40, 257)])
 def test_wide_gram_by_halves_is_exact(xp, shape):
-    """Wide Grams, in blocks or by halves per backend, are exact (uneven splits, batch axes)."""
+    """Wide Grams by recursive halves are exact (uneven splits, batch axes)."""
     x = np.random.default_rng(7).standard_normal(shape)
     assert_close(tc.gram(asarray(xp, x)), np.swapaxes(x, -1, -2) @ x, 1e-14)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv_moments_are_the_products_of_the_patches(xp, case):
-    """G^T X, X^T X and the bias gradient from one patch matrix, any geometry."""
+    """G^T X and X^T X of the fixtures' convolutions."""
     padded = np.pad(case.x, [(0, 0), (0, 0), *case.pads], mode=NP_PAD_MODE[case.padding_mode])
-    grad_w, gram, grad_bias = tc.conv_moments(
-        asarray(xp, padded), asarray(xp, case.grad_z), case.kernel, case.stride,
-        case.dilation, case.groups)
+    grad_w, gram = tc.conv_moments(asarray(xp, padded), asarray(xp, case.grad_z), case.kernel,
+                                   case.stride, case.dilation, case.groups)
     patches, grads = rows_of(case)
     assert_close(grad_w, np.swapaxes(grads, -1, -2) @ patches, 1e-13, case.name)
     assert_close(gram, np.swapaxes(patches, -1, -2) @ patches, 1e-13, case.name)
-    assert_close(grad_bias, case.grad_z.sum(axis=(0, *range(2, case.grad_z.ndim))), 1e-13)
 
 
-@pytest.mark.parametrize("chunk", [None, 1], ids=["one_chunk", "image_by_image"])
-def test_conv_moments_on_random_geometries(xp, chunk, monkeypatch):
-    """Both layouts of the patch matrix, both ways of forming G^T X, and overlapping
-    patches (the bias gradient from their row of ones) in one chunk or image by image."""
-    if array_api_compat.is_jax_namespace(xp):
-        pytest.skip("numpy's code path; eager JAX compiles every op of every shape (minutes)")
-    if chunk is not None:
-        monkeypatch.setattr(_core, "_PATCH_CHUNK", chunk)
+def conv_moment_geometries():
+    """Random geometries, and wide ones past every library's explicit-patch bound, where
+    the moments come from its conv kernel and the structured Gram."""
+    yield from random_geometries(40, seed=9)
+    rng = np.random.default_rng(10)
+    for channels, kernel, stride, dilation, groups, spatial in [
+            (4, (7, 7), (2, 2), (1, 1), 1, (23, 20)), (24, (3, 3), (1, 1), (1, 1), 2, (9, 11)),
+            (8, (5, 5), (1, 2), (2, 1), 1, (17, 19)), (12, (3, 3, 3), (1, 1, 2), (1, 1, 1), 1,
+                                                       (7, 8, 9)),
+            (40, (5,), (3,), (1,), 1, (30,)), (200, (1, 1), (1, 1), (1, 1), 1, (4, 5))]:
+        yield rng.standard_normal((3, channels, *spatial)), kernel, stride, dilation, groups
+
+
+def test_conv_moments_match_explicit_patches(xp):
+    """The fast paths (structured Gram, a library's conv kernel, chunks of images) against
+    the explicit-patch reference, over a grid of geometries."""
     rng = np.random.default_rng(8)
-    for x, kernel, stride, dilation, groups in random_geometries(60, seed=9):
+    for x, kernel, stride, dilation, groups in conv_moment_geometries():
+        if array_api_compat.is_jax_namespace(xp) and x.shape[1] < 4:
+            continue  # eager JAX compiles every op of every shape: the wide ones only
         patches = tc.conv_patches(x, kernel, stride, dilation, groups)
         out = tc.conv_output_shape(x.shape[2:], kernel, stride, dilation)
         grad_z = rng.standard_normal((x.shape[0], 3 * groups, *out))
         grads = np.moveaxis(grad_z, 1, -1).reshape(-1, groups, 3).transpose(1, 0, 2)
-        grad_w, gram, grad_bias = (to_numpy(a) for a in tc.conv_moments(
-            asarray(xp, x), asarray(xp, grad_z), kernel, stride, dilation, groups))
-        np.testing.assert_allclose(grad_w, np.swapaxes(grads, -1, -2) @ patches, atol=1e-12)
-        np.testing.assert_allclose(gram, np.swapaxes(patches, -1, -2) @ patches, atol=1e-12)
-        np.testing.assert_allclose(grad_bias, grad_z.sum(axis=(0, *range(2, grad_z.ndim))),
-                                   atol=1e-12)
+        grad_w, gram = tc.conv_moments(asarray(xp, x), asarray(xp, grad_z), kernel, stride,
+                                       dilation, groups)
+        what = f"{kernel} {stride} {dilation} {groups} {x.shape}"
+        assert_close(grad_w, np.swapaxes(grads, -1, -2) @ patches, 1e-12, what)
+        assert_close(gram, np.swapaxes(patches, -1, -2) @ patches, 1e-12, what)
+
+
+def test_many_images_go_in_several_chunks():
+    """Batches past the bounds on patch and frame entries held at once: the same sums."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((160, 3, 40, 40))
+    grad_z = rng.standard_normal((160, 4, 17, 17))
+    patches = tc.conv_patches(x, (7, 7), (2, 2), (1, 1))
+    expected = np.swapaxes(patches, -1, -2) @ patches
+    grad_w, gram = tc.conv_moments(x, grad_z, (7, 7), (2, 2), (1, 1))
+    rows = np.moveaxis(grad_z, 1, -1).reshape(1, -1, 4)
+    assert_close(grad_w, np.swapaxes(rows, -1, -2) @ patches, 1e-12, "G^T X")
+    assert_close(gram, expected, 1e-12, "explicit Gram")
+    assert_close(tc.conv_gram(x, (7, 7), (2, 2), (1, 1)), expected, 1e-12, "structured Gram")

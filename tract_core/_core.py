@@ -12,13 +12,10 @@ b x b system::
 
     dW = G^T (X X^T / b + lam I)^-1 X
 
-Both products and the solve run in float64 wherever the array library has it on the
-arrays' device (:func:`statistics_dtype`); results come back in the input's dtype.
-Every function takes leading batch axes: one system each (conv groups).
-
-This module holds the math and the one rule every adapter follows: which form to solve,
-how a conv's statistics are gathered (explicit patches, or the library's conv kernel
-and the structured Gram), and where statistics are summed over replicas.
+Products and solve run in float64 where the library has it (:func:`statistics_dtype`).
+Leading batch axes are one system each (conv groups). The one rule every adapter
+follows is here: which form to solve, how a conv's statistics are gathered, and where
+statistics are summed over replicas.
 """
 
 from __future__ import annotations
@@ -81,15 +78,12 @@ def gram(x, *, xp=None):
     return _symmetric_product(xp, x)
 
 
-_GRAM_LEAF = 128  # columns up to which a Gram is one plain matmul
-
-
-def _symmetric_product(xp, x):
+def _symmetric_product(xp, x, leaf=128):
     """X^T X as [[L^T L, L^T R], [R^T L, R^T R]] for X = [L R], the off-diagonal block
     computed once and each diagonal one the same way: for wide rows (ViT patches,
     n = 768) 56% of one matmul's flops. Splits at multiples of 32 columns."""
     n = x.shape[-1]
-    if n <= _GRAM_LEAF:
+    if n <= leaf:
         return xp.matmul(_mT(xp, x), x)
     half = max(32, round(n / 64) * 32)
     left, right = x[..., :half], x[..., half:]
@@ -128,10 +122,8 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
 
 
 def _check_lam_fits(xp, lam, dtype):
-    largest = float(xp.finfo(dtype).max)
-    if lam >= largest:
-        raise ValueError(f"lam must be below the largest {dtype} ({largest}), "
-                         f"the dtype of the solve; got {lam!r}")
+    if lam >= float(xp.finfo(dtype).max):
+        raise ValueError(f"lam must be below the largest {dtype}, the solve's dtype; got {lam!r}")
 
 
 def _push_through(xp, x, grad_z, lam):
@@ -173,9 +165,11 @@ def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
     """
     lam = check_lam(lam)
     xp = xp or array_api_compat.array_namespace(x, grad_z)
-    if x.ndim < 2 or grad_z.ndim != x.ndim or grad_z.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"x and grad_z must have shapes (..., b, n) and (..., b, m), equal "
-                         f"but in the last axis; got {tuple(x.shape)} and {tuple(grad_z.shape)}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (..., b, n), got shape {tuple(x.shape)}")
+    if grad_z.ndim != x.ndim or grad_z.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_z must have shape (..., b, m) matching x {tuple(x.shape)} in "
+                         f"all but the last axis, got shape {tuple(grad_z.shape)}")
     statistics_dtype(xp, grad_z.dtype, name="grad_z")
     if x.dtype != grad_z.dtype:
         raise TypeError(f"x and grad_z must share a dtype, got {x.dtype} and {grad_z.dtype}")

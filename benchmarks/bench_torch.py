@@ -175,14 +175,11 @@ def cuda_peak_growth(case, variant):
 def main(argv=None):
     parser = _harness.parser(__doc__.splitlines()[0], GOALS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--few-patch-entries", type=int, default=tt._FEW_PATCH_ENTRIES,
-                        help="explicit patches up to this many entries per group (timing only)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --device cuda: every variant replayed from CUDA graphs")
     args = parser.parse_args(argv)
     if args.cuda_graphs and args.device != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
-    tt._FEW_PATCH_ENTRIES = args.few_patch_entries
     torch.set_num_threads(args.threads)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{args.threads} threads")

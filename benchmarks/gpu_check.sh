@@ -28,8 +28,7 @@ step torch_cuda_tests 180 "${pytest[@]}" tests/test_torch.py -k cuda
 step bench_torch_cuda 70 python3 benchmarks/bench_torch.py --device cuda --repeats 20 --memory
 step bench_torch_cuda_graphs 60 python3 benchmarks/bench_torch.py --device cuda --repeats 20 \
     --cuda-graphs
-step bench_torch_cuda_7x7_patches 40 python3 benchmarks/bench_torch.py --device cuda \
-    --repeats 20 --cases imagenet_stem_7x7s2 --few-patch-entries 160
+step whole_step_torch_cuda 150 python3 benchmarks/whole_step_torch.py --device cuda --rounds 20
 step bench_jax_gpu 120 python3 benchmarks/bench_jax.py --repeats 20 --memory
 step core_cupy_tests 50 "${pytest[@]}" tests/test_core.py -k cupy
 step jax_gpu_tests 70 "${pytest[@]}" tests/test_jax.py -k "fixture or float32"

@@ -57,7 +57,7 @@ def check_bias_shape(shape, m):
 
 
 def resolve_pads(padding, spatial, window, strides, dilation):
-    """(lo, hi) per spatial axis from :func:`conv_padding`'s result. 'SAME' as XLA, TF
+    """(lo, hi) per spatial axis from `conv_padding`'s result. 'SAME' as XLA, TF
     and Keras resolve it (the odd pixel goes high), 'SAME_LOWER' (it goes low)."""
     if not isinstance(padding, str):
         return tuple(padding)

@@ -10,7 +10,7 @@ kernel or FFTs; by symmetry only shifts >= 0 on the first axis). The rest lies o
 frame of output positions at most E wide, whose patches are gathered and added with a
 mask. Disjoint patches (ViT, E = 0) are a reshape and one Gram.
 
-The index arithmetic is numpy, computed once per geometry (:class:`_GramPlan`).
+The index arithmetic is numpy, computed once per geometry (`_GramPlan`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
 
     Returns:
         (groups, n_g, n_g) in the statistics dtype, n_g = C / groups * prod(kernel_size),
-        equal to the Gram of :func:`tract_core.conv_patches`.
+        equal to the Gram of `tract_core.conv_patches`.
     """
     from ._backends import backend
     from ._core import gram, statistics_dtype  # the math module sits above this one
@@ -76,7 +76,7 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
 
 @dataclasses.dataclass(frozen=True)
 class _GramPlan:
-    """Index arithmetic of :func:`conv_gram` for one geometry."""
+    """Index arithmetic of `conv_gram` for one geometry."""
 
     span: tuple  # phase-image length per axis, L + E
     phases: tuple  # the stride phases read, as tuples of per-axis phases
@@ -96,7 +96,7 @@ _PLANS = {}  # a plain memo (torch.compile traces dicts, but warns on lru_cache)
 
 
 def _gram_plan(*geometry):
-    """The cached :class:`_GramPlan` for (channels, spatial, kernel_size, stride, dilation)."""
+    """The cached `_GramPlan` for (channels, spatial, kernel_size, stride, dilation)."""
     plan = _PLANS.get(geometry)
     if plan is None:
         if len(_PLANS) >= 64:
@@ -235,7 +235,7 @@ _CORRELATE_CHUNK = 1 << 21  # entries of y transformed at once (bounds the spect
 
 
 def correlate_by_fft(xp, g, y, shifts):
-    """:func:`correlate_by_slices` by real FFTs of at least y's size (so no lag wraps
+    """`correlate_by_slices` by real FFTs of at least y's size (so no lag wraps
     around), the images in chunks; the sum over images is a matmul per frequency."""
     size = [_fft_size(s) for s in y.shape[2:]]
     axes = tuple(range(2, y.ndim))

@@ -12,7 +12,7 @@ b x b system::
 
     dW = G^T (X X^T / b + lam I)^-1 X
 
-Products and solve run in float64 where the library has it (:func:`statistics_dtype`).
+Products and solve run in float64 where the library has it (`statistics_dtype`).
 Leading batch axes are one system each (conv groups). The one rule every adapter
 follows is here: which form to solve, how a conv's statistics are gathered, and where
 statistics are summed over replicas.
@@ -71,7 +71,7 @@ def gram(x, *, xp=None):
         x: (..., b, n) rows (patches or tokens).
 
     Returns:
-        (..., n, n) in :func:`statistics_dtype`.
+        (..., n, n) in `statistics_dtype`.
     """
     xp = xp or array_api_compat.array_namespace(x)
     (x,) = _in_statistics_dtype(xp, x)
@@ -98,7 +98,7 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
 
     Args:
         grad_w: (..., m, n) the plain weight gradient ``G^T X``; the solve amplifies its
-            rounding too, so compute it in :func:`statistics_dtype`.
+            rounding too, so compute it in `statistics_dtype`.
         gram: (..., n, n) ``X^T X`` (possibly summed over replicas).
         count: b, the rows the Gram sums over: a number or a 0-d array. With no rows
             (b = 0) grad_w and the Gram are zero, and so is the result.
@@ -184,7 +184,7 @@ def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
 
 
 def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
-    """A convolution's ``G^T X`` and ``X^T X``, per group, in :func:`statistics_dtype`.
+    """A convolution's ``G^T X`` and ``X^T X``, per group, in `statistics_dtype`.
 
     Explicit patches where they have few entries (stems) or do not overlap (ViT);
     otherwise the library's conv weight-gradient kernel and the structured Gram.
@@ -223,7 +223,7 @@ def conv_weight_grad(x, grad_z, kernel_size, stride, dilation, groups=1, lam=0.1
         x: (N, C, *spatial) channels-first input, already padded.
         grad_z: (N, M, *out) the loss gradient with respect to the output.
         kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
-        lam, replica_sum: as for :func:`weight_grad`; b = N x output positions.
+        lam, replica_sum: as for `weight_grad`; b = N x output positions.
 
     Returns:
         (groups, M/g, n_g), n_g = C/g x prod(kernel_size), in x's dtype:

@@ -1,6 +1,6 @@
 """A convolution's patches (its rows X) and their explicit products.
 
-This is the reference the structured Gram (:mod:`tract_core._conv_gram`) is tested
+This is the reference the structured Gram (`tract_core._conv_gram`) is tested
 against, and the fast path wherever a patch has few entries (stems: 3 channels), since
 matmuls on explicit patches then beat a framework's conv weight-gradient kernel.
 """

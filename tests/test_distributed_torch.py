@@ -11,7 +11,7 @@ from conftest import CASES, assert_close, need
 
 torch = need("torch")
 tt = pytest.importorskip("tract_core.torch")
-from test_torch import plain_layer  # noqa: E402
+from test_torch import plain_layer, tract_reference, widened  # noqa: E402
 
 WORLD = 2
 CASE_NAMES = ["linear_rows", "linear_tokens", "conv2d_cifar_stem", "conv1d_stride_dilation",
@@ -19,7 +19,8 @@ CASE_NAMES = ["linear_rows", "linear_tokens", "conv2d_cifar_stem", "conv1d_strid
 # (case, sync, mode) scenarios each replica runs
 SCENARIOS = ([(name, True, "ddp") for name in CASE_NAMES]
              + [("conv2d_cifar_stem", False, "ddp"), ("linear_rows", True, "no_sync"),
-                ("conv2d_cifar_stem", True, "fsdp")])
+                ("conv2d_cifar_stem", True, "fsdp"),
+                ("conv2d_stride2_pixels", True, "many_entries")])
 
 
 def split_rows(n):
@@ -29,12 +30,15 @@ def split_rows(n):
 
 
 def _gradient(rank, case, sync, mode):
-    layer = tt.wrap(plain_layer(case), lam=case.lam, sync=sync)
-    part = split_rows(case.x.shape[0])[rank]
-    x = torch.tensor(case.x[part])
+    if mode == "many_entries":  # seeded: the same layer and data in every process
+        plain, x, grad_z = widened(case)
+    else:
+        plain, x, grad_z = plain_layer(case), torch.tensor(case.x), torch.tensor(case.grad_z)
+    layer = tt.wrap(plain, lam=case.lam, sync=sync)
+    part = split_rows(len(x))[rank]
     # Full-batch z.backward(G) splits into replica losses scaled by the world size,
     # since data parallelism averages the replicas' gradients.
-    grad_z = torch.tensor(case.grad_z[part]) * WORLD
+    x, grad_z = x[part], grad_z[part] * WORLD
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -111,6 +115,15 @@ def test_fsdp_sharded_weight_sync_equals_full_batch(replica_results):
     case = next(c for c in CASES if c.name == "conv2d_cifar_stem")
     assert_close(result_of(replica_results, (case.name, True, "fsdp")),
                  case.grad_weight, 1e-9)
+
+
+def test_ddp_sync_with_many_patch_entries_equals_full_batch(replica_results):
+    """Patches of many entries (torch's conv kernel and the structured Gram), one replica
+    with fewer rows than columns: the full-batch gradient of the float64 reference."""
+    case = next(c for c in CASES if c.name == "conv2d_stride2_pixels")
+    plain, x, grad_z = widened(case)
+    assert_close(result_of(replica_results, (case.name, True, "many_entries")),
+                 tract_reference(plain, x, grad_z, case.lam), 1e-9)
 
 
 def test_sync_without_process_group_is_local():

@@ -7,11 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+import array_api_compat.torch
 import numpy as np
 import pytest
 from conftest import CASES, CONV_CASES, assert_close, case_id, need
 
 import tract_core
+import tract_core._backends
 
 torch = need("torch")
 nn = torch.nn
@@ -50,20 +52,24 @@ def _disjoint(case):
     return tract_core.disjoint_patches(case.kernel, case.stride, case.dilation)
 
 
-def _explicit_patch_path(case, few_entries=None):
-    """Whether the wrapped conv takes conv_moments' explicit patches (b >= n):
-    overlapping patches of at most ``few_entries`` entries per group."""
-    few_entries = tt._FEW_PATCH_ENTRIES if few_entries is None else few_entries
-    return (case.kind != "linear" and case.rows >= case.row_width
-            and not _disjoint(case) and case.row_width <= few_entries)
+# Patches of this many entries per group take the conv kernel and the structured Gram;
+# the fixtures' patches (at most 75 entries) take explicit patches.
+MANY_PATCH_ENTRIES = 320
 
 
-def test_the_fixtures_exercise_every_conv_path():
-    """Explicit patches, the conv kernel with the Gram of disjoint patches (b >= n both),
-    and the b x b form; test_conv_kernel_path_matches_fixture turns explicit patches off
-    for the structured Gram."""
+def test_geometries_lie_on_both_sides_of_the_explicit_patch_limit():
+    """The core picks explicit patches for overlapping patches of few entries: the
+    fixtures and MANY_PATCH_ENTRIES must straddle its limit for torch (read, not set),
+    so that the tests below reach both of its ways of gathering a conv's statistics."""
+    limit = tract_core._backends.backend(array_api_compat.torch).few_patch_entries
+    overlapping = [c.row_width for c in CONV_CASES if c.rows >= c.row_width and not _disjoint(c)]
+    assert max(overlapping) <= limit < MANY_PATCH_ENTRIES
+
+
+def test_the_fixtures_exercise_every_form():
+    """Overlapping and disjoint patches with b >= n (the n x n system), and the b x b form."""
     convs = [case for case in CONV_CASES if case.rows >= case.row_width]
-    assert sum(map(_explicit_patch_path, convs)) >= 6 and sum(map(_disjoint, convs)) >= 3
+    assert sum(not _disjoint(c) for c in convs) >= 6 and sum(map(_disjoint, convs)) >= 3
     assert len(CONV_CASES) - len(convs) >= 2
 
 
@@ -109,24 +115,44 @@ def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case, device, monke
     assert_close(wrapped.weight.grad, case.grad_weight, 2e-4, "grad_weight")
 
 
+def widened(case, entries=MANY_PATCH_ENTRIES, seed=0):
+    """The case's conv geometry with at least ``entries`` patch entries per group (more
+    input channels) and b >= n rows: plain float64 layer, input, output gradient."""
+    torch.manual_seed(seed)
+    channels = case.groups * -(-entries // math.prod(case.kernel))
+    padding = case.padding if isinstance(case.padding, str) else tuple(case.padding)
+    layer = CONV_CLASSES[case.kind](
+        channels, case.weight.shape[0], tuple(case.kernel), stride=tuple(case.stride),
+        padding=padding, dilation=tuple(case.dilation), groups=case.groups,
+        padding_mode=case.padding_mode, bias=case.has_bias).double()
+    positions = math.prod(case.grad_z.shape[2:])
+    images = max(len(case.x), -(-2 * channels * math.prod(case.kernel) // positions))
+    x = torch.randn(images, channels, *case.x.shape[2:], dtype=torch.float64)
+    return layer, x, torch.randn(images, *case.grad_z.shape[1:], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_conv_kernel_path_matches_fixture(case, device, monkeypatch):
-    """Explicit patches off: overlapping patches take torch's conv backward kernel and the
-    structured Gram (as for patches of many entries); the bias gradient is the plain
-    layer's bit for bit."""
-    monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", 0)
+def test_many_patch_entries_match_the_float64_reference(case, device, monkeypatch):
+    """Every fixture geometry widened to many entries per patch (overlapping ones take
+    torch's conv backward kernel and the structured Gram): float64 weight gradient
+    against the independent reference; in float32 the output and bias gradient are the
+    plain layer's bit for bit."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    layer = tt.wrap(plain_layer(case, device=device), lam=case.lam)
-    run(layer, case, device=device)
-    assert_close(layer.weight.grad, case.grad_weight, 1e-9, "grad_weight")
-    if not case.has_bias:
-        return
-    assert_close(layer.bias.grad, case.grad_bias, 1e-12, "grad_bias")
-    plain = plain_layer(case, torch.float32, device)
-    run(plain, case, torch.float32, device)
-    wrapped = tt.wrap(plain_layer(case, torch.float32, device), lam=case.lam)
-    run(wrapped, case, torch.float32, device)
-    assert torch.equal(wrapped.bias.grad, plain.bias.grad)
+    plain, x, grad_z = widened(case)
+    assert len(x) * math.prod(grad_z.shape[2:]) >= plain.weight[0].numel()  # b >= n
+    layer = tt.wrap(plain.to(device), lam=case.lam)
+    layer(x.to(device)).backward(grad_z.to(device))
+    assert_close(layer.weight.grad, tract_reference(plain, x, grad_z, case.lam), 1e-9)
+    plain.float().zero_grad(set_to_none=True)
+    results = []
+    for module in (plain, layer):
+        z = module(x.float().to(device))
+        z.backward(grad_z.float().to(device))
+        results.append((z.detach(), plain.bias.grad if case.has_bias else None))
+        plain.zero_grad(set_to_none=True)
+    assert torch.equal(results[1][0], results[0][0])
+    if case.has_bias:
+        assert torch.equal(results[1][1], results[0][1])
 
 
 def test_official_example_numbers():
@@ -293,22 +319,18 @@ def test_tf32_settings_leave_the_gram_in_float32(device, monkeypatch):
 
 def _check_float32_gram(device, monkeypatch):
     torch.manual_seed(0)
-    x = 255 * torch.rand(8, 3, 20, 20, device=device, dtype=torch.float64)
-    grad_z = torch.randn(8, 8, 10, 10, device=device, dtype=torch.float64)
-    layers = {dtype: tt.wrap(nn.Conv2d(3, 8, 7, 2, 3), lam=0.1).to(device, dtype)
-              for dtype in (torch.float64, torch.float32)}
-    layers[torch.float32].load_state_dict(layers[torch.float64].state_dict())
-    grads = {}
-    for dtype, layer in layers.items():
-        for few_entries in (0, 1000):  # the structured Gram, explicit patches
-            monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", few_entries)
-            layer.zero_grad(set_to_none=True)
+    for channels in (3, 8):  # 147 entries per patch (explicit patches), 392 (structured Gram)
+        x = 255 * torch.rand(8, channels, 20, 20, device=device, dtype=torch.float64)
+        grad_z = torch.randn(8, 8, 10, 10, device=device, dtype=torch.float64)
+        plain = nn.Conv2d(channels, 8, 7, 2, 3).to(device, torch.float64)
+        grads = {}
+        for dtype in (torch.float64, torch.float32):
+            layer = tt.wrap(copy.deepcopy(plain).to(dtype), lam=0.1)
             layer(x.to(dtype)).backward(grad_z.to(dtype))
-            grads[dtype, few_entries] = layer.weight.grad.double()
-    # Measured on an H200: 5e-6 with TF32 off for TrAct, 2e-4 and 5e-4 with it on.
-    for few_entries in (0, 1000):
-        assert_close(grads[torch.float32, few_entries], grads[torch.float64, 0], 2e-5,
-                     f"_FEW_PATCH_ENTRIES={few_entries}")
+            grads[dtype] = layer.weight.grad.double()
+        # TF32 products would err by 2e-4 to 5e-4 here; full float32 ones by about 5e-6.
+        assert_close(grads[torch.float32], grads[torch.float64].cpu().numpy(), 2e-5,
+                     f"{channels} channels")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -493,17 +515,16 @@ def test_backward_copies_nothing_from_the_host_after_the_first_step(monkeypatch,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("few_entries", [tt._FEW_PATCH_ENTRIES, 0],
-                         ids=["patches", "structured_gram"])
-def test_cuda_graph_replays_give_eager_gradients(few_entries, monkeypatch):
+def test_cuda_graph_replays_give_eager_gradients():
     """torch.cuda.make_graphed_callables captures a TrAct layer's forward and backward
     once (possible because they read nothing back to the host); replays on new data
-    give eager's gradients: stems, a ViT patch embedding, the b x b form, a linear
-    layer. The graphed module runs its eager forward in eval mode."""
-    monkeypatch.setattr(tt, "_FEW_PATCH_ENTRIES", few_entries)
+    give eager's gradients: stems of few and many patch entries, a ViT patch embedding,
+    the b x b form, a linear layer. The graphed module runs its eager forward in eval
+    mode."""
     torch.manual_seed(0)
     cases = [(nn.Conv2d(3, 4, 3, padding=1), (4, 3, 12, 12)),
              (nn.Conv2d(3, 4, 7, stride=2, padding=3), (4, 3, 16, 16)),
+             (nn.Conv2d(8, 4, 7, stride=2, padding=3), (8, 8, 16, 16)),  # 392 entries
              (nn.Conv2d(3, 4, 4, stride=4), (4, 3, 12, 12)),
              (nn.Conv2d(3, 4, 5), (1, 3, 6, 6)),  # b = 4 < n = 75
              (nn.Linear(6, 4), (9, 6))]
@@ -568,9 +589,19 @@ def test_tract_reference_matches_the_fixtures():
                      case.grad_weight, 1e-9, case.name)
 
 
+@pytest.fixture
+def world_of_one(tmp_path):
+    """torch.distributed initialized: one gloo process."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
 EMPTY_BATCHES = [
     (lambda: nn.Conv2d(3, 4, 3, padding=1), (0, 3, 8, 8)),  # few patch entries
-    (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (0, 3, 16, 16)),  # structured Gram
+    (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (0, 3, 16, 16)),
+    (lambda: nn.Conv2d(8, 4, 7, stride=2, padding=3), (0, 8, 16, 16)),  # many entries
     (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (0, 4, 6, 6)),
     (lambda: nn.Conv2d(3, 4, 4, stride=4), (0, 3, 8, 8)),  # disjoint patches
     (lambda: nn.Conv1d(2, 3, 3, dilation=2), (0, 2, 9)),
@@ -582,15 +613,14 @@ EMPTY_BATCHES = [
 
 @pytest.mark.parametrize("sync", [False, True], ids=["local", "synced"])
 @pytest.mark.parametrize("make, shape", EMPTY_BATCHES, ids=[
-    "stem3x3", "stem7x7s2", "grouped_reflect", "disjoint", "conv1d", "conv3d", "linear",
-    "linear_tokens"])
-def test_empty_batch_gives_the_plain_layers_zero_gradients(make, shape, sync, monkeypatch):
+    "stem3x3", "stem7x7s2", "many_entries", "grouped_reflect", "disjoint", "conv1d", "conv3d",
+    "linear", "linear_tokens"])
+def test_empty_batch_gives_the_plain_layers_zero_gradients(make, shape, sync, request):
     """N = 0 (the last batch of a filtered loader): the plain layer's output and input
-    and bias gradients, and a zero weight gradient (G^T X over no rows). Synced, the
-    statistics path runs (no b x b form) on one replica, all_reduce the identity."""
+    and bias gradients, and a zero weight gradient (G^T X over no rows). Synced, in a
+    real process group of one, the Gram and the row count of 0 are all-reduced."""
     if sync:
-        monkeypatch.setattr(tt, "_syncing", lambda options: True)
-        monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: None)
+        request.getfixturevalue("world_of_one")
     torch.manual_seed(0)
     plain = make().double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)

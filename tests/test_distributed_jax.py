@@ -30,8 +30,9 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from conftest import CASES
-    from test_jax import case_arrays, case_ops, kernel_to_torch
+    from conftest import CASES, Case
+    from test_jax import (case_arrays, case_ops, conv_options, kernel_to_torch,
+                          patches_reference, tract_reference)
 
     assert jax.device_count() == 2, jax.devices()
     mesh = jax.make_mesh((2,), ("d",))
@@ -67,11 +68,26 @@ SCRIPT = textwrap.dedent("""
         # jax.grad inside: a replicated kernel's gradient comes out summed over devices.
         return jax.jit(jax.shard_map(jax.grad(local_loss), **specs))(*args)
 
+    # A 7x7/2 stem: more patch entries than JAX's explicit-patch limit, so the core takes
+    # lax's conv transpose and the structured Gram, under shard_map.
+    rng = np.random.default_rng(0)
+    stem = Case(name="stem7x7s2", kind="conv2d", x=rng.standard_normal((4, 3, 12, 12)),
+                weight=rng.standard_normal((4, 3, 7, 7)), grad_z=rng.standard_normal((4, 4, 6, 6)),
+                has_bias=False, padding=None, pads=[[3, 3], [3, 3]], stride=[2, 2],
+                dilation=[1, 1], groups=1, lam=0.1)
+    CASES.append(stem)
+    rows = patches_reference(jnp.asarray(np.moveaxis(stem.x, 1, -1)), (7, 7, 3, 4),
+                             conv_options(stem))
+    grads = np.moveaxis(stem.grad_z, 1, -1).reshape(1, -1, 4)
+    results["stem7x7s2/reference"] = tract_reference(rows, grads, 0.1).reshape(4, 3, 7, 7)
+
     scenarios = [(name, mode, "d") for name in sys.argv[2].split(",")
                  for mode in sys.argv[3].split(",")]
     scenarios += [("linear_rows", "vmap", "d"), ("conv2d_cifar_stem", "vmap", "d"),
+                  ("linear_b_lt_n", "vmap", "d"),
                   ("conv2d_cifar_stem", "shard_map_outer", None),
-                  ("linear_rows", "shard_map_inner", None)]
+                  ("linear_rows", "shard_map_inner", None), ("stem7x7s2", "shard_map_inner", "d"),
+                  ("stem7x7s2", "vmap", "d")]
     for name, mode, axis_name in scenarios:
         case = next(c for c in CASES if c.name == name)
         key = f"{name}/{mode}/{axis_name}"
@@ -112,10 +128,16 @@ def test_synced_sum_equals_full_batch(device_results, case_name, mode):
                  f"{case_name} {mode}")
 
 
-@pytest.mark.parametrize("case_name", ["linear_rows", "conv2d_cifar_stem"])
+@pytest.mark.parametrize("case_name", ["linear_rows", "conv2d_cifar_stem", "linear_b_lt_n"])
 def test_vmap_inside_shard_map_pools_examples_and_devices(device_results, case_name):
     case = next(c for c in CASES if c.name == case_name)
     assert_close(result_of(device_results, case_name, "vmap"), case.grad_weight, 1e-9)
+
+
+@pytest.mark.parametrize("mode", ["shard_map_inner", "vmap"])
+def test_synced_stem_with_many_patch_entries(device_results, mode):
+    assert_close(result_of(device_results, "stem7x7s2", mode), device_results[
+        "stem7x7s2/reference"], 1e-9, mode)
 
 
 @pytest.mark.parametrize("case_name, mode", [("conv2d_cifar_stem", "shard_map_outer"),

@@ -231,14 +231,17 @@ CONV_OPTIONS = [
     ("2d_dilated_stride2", (2, 13, 12, 2), (3, 3, 2, 3),
      dict(padding="SAME", strides=2, kernel_dilation=2)),
 ]
-# The Gram's correlations: either kernel, whatever the size picks.
-CORRELATIONS = {"conv": tj._correlate_by_conv, "fft": tj._correlate_by_fft}
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
+def per_example(op):
+    """op applied to each example under jax.vmap (Equinox style): the pooled path."""
+    return lambda x, kernel, bias: jax.vmap(lambda xi: op(xi[None], kernel, bias)[0])(x)
+
+
+# One call (the core's own rule) and vmapped examples (their pooled statistics).
+@pytest.mark.parametrize("mode", ["one_call", "vmapped_examples"])
 @pytest.mark.parametrize("index", range(len(CONV_OPTIONS)), ids=[o[0] for o in CONV_OPTIONS])
-def test_conv_options(index, correlation, monkeypatch):
-    monkeypatch.setattr(tj, "_correlate", CORRELATIONS[correlation])
+def test_conv_options(index, mode):
     _, x_shape, kernel_shape, options = CONV_OPTIONS[index]
     rng = np.random.default_rng(index)
     x = rng.standard_normal(x_shape)
@@ -247,13 +250,16 @@ def test_conv_options(index, correlation, monkeypatch):
     z_shape = jax.eval_shape(functools.partial(plain_conv, **options), x, kernel).shape
     grad_z = rng.standard_normal(z_shape)
 
-    ours, plain = value_and_cotangents(functools.partial(tj.conv, lam=0.1, **options),
-                                       functools.partial(plain_conv, **options))(
+    tract = functools.partial(tj.conv, lam=0.1, **options)
+    if mode == "vmapped_examples":
+        tract = per_example(tract)
+    ours, plain = value_and_cotangents(tract, functools.partial(plain_conv, **options))(
         x, kernel, bias, grad_z)
-    assert np.array_equal(ours[0], plain[0]), "z"
-    assert np.array_equal(ours[1], plain[1]), "grad_x"
-    if bias is not None:
-        assert np.array_equal(ours[3], plain[3]), "grad_bias"
+    if mode == "one_call":
+        assert np.array_equal(ours[0], plain[0]), "z"
+        assert np.array_equal(ours[1], plain[1]), "grad_x"
+        if bias is not None:
+            assert np.array_equal(ours[3], plain[3]), "grad_bias"
 
     rows = patches_reference(jnp.asarray(x), kernel_shape, options)
     g, m = options.get("feature_group_count", 1), kernel_shape[-1]
@@ -664,3 +670,17 @@ def test_per_example_conv_shares_match_their_definition(seed):
         expected = share.reshape(kernel_shape[-1], *kernel_to_torch(kernel).shape[1:])
         assert_close(kernel_to_torch(shares[i]), expected, 1e-9,
                      f"example {i} of {x_shape} {kernel_shape} {options}")
+
+
+def test_string_padding_resolves_as_lax_does():
+    """The kernel gradient pads with tract_core._args.resolve_pads; lax pads the forward."""
+    from tract_core._args import resolve_pads
+
+    for size, window, stride, dilation in np.ndindex(9, 5, 4, 3):
+        if window == 0 or stride == 0 or dilation == 0:
+            continue
+        for padding in ("SAME", "SAME_LOWER", "VALID"):
+            dilated = (window - 1) * dilation + 1
+            expected = lax.padtype_to_pads((size,), (dilated,), (stride,), padding)
+            got = resolve_pads(padding, (size,), (window,), (stride,), (dilation,))
+            assert [tuple(p) for p in expected] == list(got), (size, window, stride, dilation)

@@ -1,25 +1,15 @@
 """What differs between array libraries, as primitives the core calls.
 
-The core writes TrAct's math once against the array API. What the standard lacks or a
+The core writes TrAct's math once against the array API; what the standard lacks or a
 library does better is here, one small class per library, picked from the arrays'
-namespace and importing only what the caller already imported (the way einops picks
-its backends):
-
-- ``spd_solve``: Cholesky, then two triangular solves (no triangular solve in the
-  standard); NaN/Inf in the matrix give NaN, with no host round trip.
-- ``has_float64``: whether the core's statistics can be float64 on a device.
-- ``constant``: the core's numpy index arrays on the arrays' device (made once per
-  device in eager PyTorch, so a GPU backward copies nothing from the host).
-- ``filter_grad``: the library's own conv weight-gradient kernel, ``G^T X`` of a conv;
-  ``correlate``: the same at stride 1, the structured Gram's correlations.
-- ``few_patch_entries``: up to how many entries per patch explicit patches' matmuls
-  beat ``filter_grad`` and the structured Gram (everywhere for a library without a
-  conv kernel).
-- ``batch_size`` and ``sum_over_chunks``: a batch size that may be unknown until run
-  time (TensorFlow graphs), and a sum over chunks of images that bounds memory.
-
-A namespace that brings its own ``spd_solve`` (the TensorFlow adapter's) is its own
-backend.
+namespace and importing only what the caller already imported (as einops picks its
+backends): ``spd_solve`` (Cholesky and two triangular solves, NaN/Inf giving NaN with no
+host round trip), ``has_float64``, ``constant`` (numpy index arrays on the device, once
+per device in eager PyTorch), ``filter_grad`` (the library's conv weight-gradient
+kernel) and ``correlate`` (the same at stride 1, for the structured Gram),
+``few_patch_entries`` (up to which explicit patches beat that kernel), ``batch_size``
+and ``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A namespace with
+its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
 """
 
 from __future__ import annotations
@@ -165,7 +155,9 @@ class _Jax(_Generic):
                 precision=lax.Precision.HIGHEST)
 
         shape = (grad_z.shape[1], x.shape[1] // groups, *kernel_size)
-        weight = self.xp.zeros(shape, dtype=x.dtype)
+        # Zeros like x: under jax.shard_map they vary over x's axes, else the weight's
+        # cotangent would come out summed over those devices.
+        weight = self.xp.zeros_like(x, shape=shape)
         return self.jax.vjp(conv, weight)[1](grad_z)[0]
 
     def correlate(self, g, y, shifts):

@@ -18,6 +18,7 @@ from ._core import (
     gram,
     precondition,
     statistics_dtype,
+    uses_push_through,
     weight_grad,
 )
 from ._patches import conv_output_shape, conv_patches, disjoint_patches
@@ -33,6 +34,7 @@ __all__ = [
     "gram",
     "precondition",
     "statistics_dtype",
+    "uses_push_through",
     "weight_grad",
 ]
 __version__ = "0.1.0"

@@ -136,13 +136,18 @@ def _push_through(xp, x, grad_z, lam):
     return xp.matmul(_mT(xp, coef), x)
 
 
+def uses_push_through(rows, n, replica_sum=None) -> bool:
+    """The one rule for the form: the b x b system when this replica has fewer rows b
+    than columns n (b known now) and nothing is summed over replicas (that would need
+    every replica's rows); else the n x n system."""
+    return replica_sum is None and isinstance(rows, int) and 0 < rows < n
+
+
 def _tract(xp, rows, n, lam, moments, rows_and_grads, replica_sum):
-    """The one rule. With fewer rows than columns on this replica and nothing summed
-    over replicas, the b x b form from the rows themselves; else the n x n system from
-    the statistics ``moments()`` = (G^T X, X^T X), the Gram and row count summed over
-    replicas by ``replica_sum(gram, count) -> (gram, count)`` (data parallelism: the
-    replicas' gradients are then summed or averaged as for a plain layer)."""
-    if replica_sum is None and isinstance(rows, int) and 0 < rows < n:
+    """TrAct's gradient by the rule above, from ``moments()`` = (G^T X, X^T X) for the
+    n x n form, the Gram and row count summed by ``replica_sum(gram, count)`` (data
+    parallelism: the replicas' gradients are then summed as a plain layer's are)."""
+    if uses_push_through(rows, n, replica_sum):
         return _push_through(xp, *rows_and_grads(), lam)
     plain, gram_ = moments()
     if replica_sum is not None:

@@ -82,8 +82,8 @@ _PATCH_CHUNK = 1 << 22  # patch entries extracted at once (32 MiB in float64)
 def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
     """``G^T X`` and ``X^T X`` of a convolution from its explicit patches.
 
-    Images go in chunks of about ``_PATCH_CHUNK`` patch entries, each chunk's per-image
-    products summed, so that memory stays bounded.
+    Images go in chunks of about ``_PATCH_CHUNK`` patch entries, each chunk's products
+    summed, so that memory stays bounded.
 
     Args:
         x: (N, C, *spatial) channels-first input, already padded.
@@ -94,18 +94,26 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
         ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g), in the dtype of x.
     """
     from ._backends import backend
+    from ._core import _symmetric_product
 
     xp = xp or array_api_compat.array_namespace(x, grad_z)
     m = grad_z.shape[1]
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])
+    disjoint = disjoint_patches(kernel_size, stride, dilation)
 
     def products(x, grad_z):
         patches = _image_patches(xp, x, kernel_size, stride, dilation, groups)
+        grads = xp.reshape(grad_z, (-1, groups, m // groups, positions))
+        if disjoint:  # patches already a transposed copy: one (g, n_g, b) matrix
+            columns = xp.reshape(xp.permute_dims(patches, (1, 2, 0, 3)), (groups, n_g, -1))
+            grads = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (groups, m // groups, -1))
+            return (xp.matmul(columns, xp.linalg.matrix_transpose(grads)),
+                    _symmetric_product(xp, xp.linalg.matrix_transpose(columns)))
+        # Overlapping: per-image products, no transposed copy of patches or gradients.
         flat = xp.reshape(patches, (-1, n_g, positions))  # one batch axis: (images g)
-        grads = xp.reshape(grad_z, (-1, m // groups, positions))
-        # X^T G rather than G^T X: the product with the patches on the left runs faster.
-        moment = xp.matmul(flat, xp.linalg.matrix_transpose(grads))
+        grads = xp.reshape(grads, (-1, m // groups, positions))
+        moment = xp.matmul(flat, xp.linalg.matrix_transpose(grads))  # X^T G: faster
         gram = xp.matmul(flat, xp.linalg.matrix_transpose(flat))
         return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
                 xp.sum(xp.reshape(gram, (-1, groups, n_g, n_g)), axis=0))

@@ -143,7 +143,7 @@ def _shares(layer, x, grad_z, kernel):
     segments, g, m_g = x.shape[0], layer.groups, kernel.shape[-1] // layer.groups
     n_g = kernel.shape[-2] * math.prod(kernel.shape[:-2])
     rows = math.prod(core_grad.shape[:2] + core_grad.shape[3:])  # (S, N, M, *out)
-    if segments == 1 or 0 < rows < n_g:
+    if segments == 1 or _tc.uses_push_through(rows, n_g, replica_sum):
         grads = _merge(core_grad) if segments == 1 else _block_diagonal(core_grad, g)
         out = layer.weight_grad(_merge(core_x), grads, kernel, replica_sum)
     else:

@@ -158,19 +158,28 @@ def test_float32_close_to_fixture(case):
 
 
 @pytest.mark.parametrize("path, mode", [("filter_gradient", mode) for mode in MODES]
-                         + [("explicit_image_by_image", "xla")])
+                         + [("chunked_patches", "graph"), ("chunked_patches", "xla")])
 @pytest.mark.parametrize("case", [c for c in TF_CASES if c.kind != "linear"], ids=case_id)
-def test_each_conv_path_matches_fixture(case, path, mode, monkeypatch):
-    """The fixtures' convs mostly have patches of few entries (explicit patches, one
-    chunk); here they take TF's filter-gradient op with conv_gram, or explicit patches
-    one image per chunk."""
+def test_each_conv_path_matches_reference(case, path, mode):
+    """The fixtures' convs mostly have patches of few entries: explicit patches, one
+    chunk. Their geometries here take TF's filter-gradient kernel with the structured
+    Gram (enough channels for over 96 entries per patch; disjoint patches stay explicit),
+    or explicit patches summed over chunks (70 images of a batch size known at run time)."""
+    rng = np.random.default_rng(3)
+    window, groups, m = case.weight.shape[2:], case.groups, case.weight.shape[0]
     if path == "filter_gradient":
-        monkeypatch.setattr(ttf, "_FEW_PATCH_ENTRIES", 0)
+        batch, channels = case.x.shape[0], groups * (96 // math.prod(window) + 1)
     else:
-        monkeypatch.setattr(ttf, "_PATCH_CHUNK", 1)
-    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
-    z, grad_x, grad_kernel, *_ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)
-    assert_close(from_tf(case, z, grad_x, grad_kernel)[2], case.grad_weight, 1e-8)
+        batch, channels = 70, case.x.shape[1]
+    x = rng.normal(size=(batch, *case.x.shape[2:], channels))
+    kernel = rng.normal(size=(*window, channels // groups, m))
+    options = dict(conv_options(case), lam=case.lam)
+    grad_z = rng.normal(size=ttf.conv(x, kernel, **options).shape)
+    run = kernel_grad_fn(mode, kernel, x.shape, grad_z.shape, **options)
+    grad_kernel = run(tf.constant(x), tf.constant(grad_z))
+    expected = conv_reference(x, grad_z, window, tuple(case.stride), tuple(case.dilation),
+                              [tuple(p) for p in case.pads], groups, case.lam)
+    assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
 
 
 @pytest.mark.parametrize("name", ["linear_tokens", "conv2d_cifar_stem", "conv3d_stride_groups",
@@ -182,7 +191,7 @@ def test_bfloat16_runs_and_is_close(name):
                                                  "eager")
     assert grad_kernel.dtype == tf.bfloat16.as_numpy_dtype
     _, _, grad_w_t = from_tf(case, z, grad_x, grad_kernel.astype(np.float64))
-    # bf16 inputs carry ~3 significant digits; the solve itself runs in float32.
+    # bf16 inputs carry ~3 significant digits (the statistics and solve run in float64).
     assert_close(grad_w_t, case.grad_weight, 0.1, "grad_weight")
 
 
@@ -193,7 +202,7 @@ def test_bfloat16_runs_and_is_close(name):
 @pytest.mark.parametrize("name", ["linear_b_lt_n", "linear_rows", "conv2d_b_lt_n_pixels",
                                   "conv2d_cifar_stem", "conv2d_patchify_groups_gaps"])
 def test_unknown_batch_size_in_tf_function(name, jit):
-    """Keras traces with batch size None; the kernel gradient chooses its form at run time."""
+    """Keras traces with batch size None: the n x n system, whatever the run-time b."""
     case = next(c for c in TF_CASES if c.name == name)
     x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
     op = tract_op(case)
@@ -322,43 +331,35 @@ def test_wide_rows_match_reference(name, mode):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_unknown_batch_conv_gram_sums_chunks(jit):
-    """19 images: the Gram of an unknown batch runs over chunks, the last one filled."""
+@pytest.mark.parametrize("channels", [2, 16])
+def test_unknown_batch_statistics_sum_chunks(channels, jit):
+    """43 images of a batch size known only at run time: the statistics (explicit patches
+    for 2 channels, the filter gradient and structured Gram for 16) are summed over
+    chunks of a static size, zero images filling the last one."""
     rng = np.random.default_rng(8)
-    x, kernel = rng.standard_normal((19, 9, 8, 2)), rng.standard_normal((3, 3, 2, 4))
-    grad_z = rng.standard_normal((19, 9, 8, 4))
-
-    def run(x, grad_z):
-        with tf.GradientTape() as tape:
-            tape.watch(kernel_t)
-            z = ttf.conv(x, kernel_t, padding="SAME", lam=0.1)
-        return tape.gradient(z, kernel_t, output_gradients=grad_z)
-
-    kernel_t = tf.constant(kernel)
-    unknown = [tf.TensorSpec((None, 9, 8, 2), tf.float64), tf.TensorSpec((None, 9, 8, 4),
-                                                                         tf.float64)]
-    graph = tf.function(run, input_signature=unknown, jit_compile=jit)
-    grad_kernel = graph(tf.constant(x), tf.constant(grad_z)).numpy()
-    rows = patches_reference(np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), (3, 3), (1, 1))
-    expected = tract_reference(rows, grad_z.reshape(-1, 4), 0.1).reshape(4, 2, 3, 3)
-    assert_close(grad_kernel, to_tf_kernel(expected), 1e-9)
+    x = rng.standard_normal((43, 9, 8, channels))
+    kernel, grad_z = rng.standard_normal((3, 3, channels, 4)), rng.standard_normal((43, 9, 8, 4))
+    run = kernel_grad_fn("xla" if jit else "graph", kernel, x.shape, grad_z.shape,
+                         padding="SAME", lam=0.1)
+    grad_kernel = run(tf.constant(x), tf.constant(grad_z))
+    expected = conv_reference(x, grad_z, (3, 3), pads=[(1, 1), (1, 1)])
+    assert_close(grad_kernel, expected, 1e-9)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gram_before_filter_gradient_keeps_results(mode, monkeypatch):
-    """Large inputs order the Gram before TF's filter gradient (to bound memory): same
-    gradient, and NaN still flows."""
-    monkeypatch.setattr(ttf, "_ORDERED_SIZE", 0)
-    monkeypatch.setattr(ttf, "_FEW_PATCH_ENTRIES", 0)  # the filter-gradient path
-    case = next(c for c in TF_CASES if c.name == "conv2d_stride2_pixels")
-    x, kernel, bias, grad_z = tensors(tf_arrays(case), tf.float64)
-    z, grad_x, grad_kernel, _ = value_and_grads(tract_op(case), x, kernel, bias, grad_z, mode)
-    assert_close(from_tf(case, z, grad_x, grad_kernel)[2], case.grad_weight, 1e-8)
-    x = x.numpy()
+def test_filter_gradient_path_matches_reference_and_nan_flows(mode):
+    """16 channels, 3x3 (144 entries per patch): TF's filter-gradient kernel and the
+    structured Gram; the same gradient as explicit patches, and NaN still flows."""
+    rng = np.random.default_rng(9)
+    x, kernel = rng.standard_normal((3, 11, 11, 16)), rng.standard_normal((3, 3, 16, 6))
+    grad_z = rng.standard_normal((3, 6, 6, 6))
+    options = dict(strides=2, padding=[(1, 1), (1, 1)], lam=0.1)
+    run = kernel_grad_fn(mode, kernel, x.shape, grad_z.shape, **options)
+    grad_kernel = run(tf.constant(x), tf.constant(grad_z))
+    expected = conv_reference(x, grad_z, (3, 3), (2, 2), pads=[(1, 1), (1, 1)])
+    assert_close(grad_kernel, expected, 1e-9)
     x[1, 2, 3, 0] = np.nan
-    _, _, grad_kernel, _ = value_and_grads(tract_op(case), tf.constant(x), kernel, bias, grad_z,
-                                           mode)
-    assert np.isnan(grad_kernel).all()
+    assert np.isnan(run(tf.constant(x), tf.constant(grad_z))).all()
 
 
 # --------------------------------------------------------------------------- geometries
@@ -375,6 +376,12 @@ def explicit_rows(x, window, strides, dilation, pads, groups):
             for offsets in np.ndindex(*window)]  # each (N, *out, C)
     rows = np.stack(taps, axis=-1).reshape(-1, groups, x.shape[-1] // groups * len(taps))
     return np.transpose(rows, (1, 0, 2)), out
+
+
+def same_pads(spatial, window, strides):
+    """TF's 'SAME' as (lo, hi) per axis: out = ceil(size / stride), the odd pixel high."""
+    totals = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(spatial, window, strides)]
+    return [(t // 2, t - t // 2) for t in totals]
 
 
 def conv_reference(x, grad_z, window, strides=None, dilation=None, pads=None, groups=1,
@@ -422,7 +429,7 @@ def test_conv3d_eager_input_gradient_is_the_plain_ops():
     grad_x, grad_kernel = tape.gradient(z, [x, kernel], output_gradients=grad_z)
     np.testing.assert_array_equal(z, z_plain)
     np.testing.assert_array_equal(grad_x, tape.gradient(z_plain, x, output_gradients=grad_z))
-    pads = ttf._resolve_pads("SAME", (5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 1, 1))
+    pads = same_pads((5, 6, 4), (2, 3, 2), (1, 2, 1))
     expected = conv_reference(x.numpy(), grad_z.numpy(), (2, 3, 2), (1, 2, 1), pads=pads)
     assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
 
@@ -487,8 +494,8 @@ def test_empty_batch_of_unknown_size_gives_zero_kernel_gradient(name, jit):
         n, m = kernel_shape
         expected = tract_reference(x.reshape(-1, n), grad_z.numpy().reshape(-1, m), 0.1).T
     else:
-        pads = ttf._resolve_pads(options.get("padding", "VALID"), sample[:-1],
-                                 kernel_shape[:-2], (options.get("strides", 1),) * 2, (1, 1))
+        pads = (same_pads(sample[:-1], kernel_shape[:-2], (options.get("strides", 1),) * 2)
+                if options.get("padding") == "SAME" else None)
         expected = conv_reference(x, grad_z.numpy(), kernel_shape[:-2],
                                   (options.get("strides", 1),) * 2, pads=pads)
     assert_close(grad_kernel, expected, 1e-9, "grad_kernel")

@@ -8,8 +8,8 @@
 constructor options plus ``lam``, same weights (names, shapes, ``get_weights()`` order),
 so weights move between a plain model and its TrAct twin with ``get_weights``/
 ``set_weights``. Only the matrix product or convolution is swapped for the adapter of the
-active backend (:mod:`tract_core.tensorflow`, :mod:`tract_core.jax` or
-:mod:`tract_core.torch`, imported on first use); the operands are laid out exactly as
+active backend (`tract_core.tensorflow`, `tract_core.jax` or
+`tract_core.torch`, imported on first use); the operands are laid out exactly as
 Keras's own backend op lays them out, so forward values and input gradients are the
 plain layer's. The bias add and activation are Keras's own code.
 
@@ -26,6 +26,7 @@ import keras
 from keras import ops
 
 import tract_core as _tc
+from tract_core._args import resolve_pads
 
 __all__ = ["TrActConv1D", "TrActConv2D", "TrActConv3D", "TrActDense", "wrap"]
 
@@ -67,16 +68,6 @@ def _dense_op(x, kernel, lam, sync=False):
     return adapter.dense(x, kernel, None, **tract)
 
 
-def _same_pads(spatial, kernel_size, strides, dilation):
-    """Keras 'same' as TF/XLA resolve it: total pad from ceil(size / stride), the odd
-    pixel on the high side."""
-    pads = []
-    for size, k, s, d in zip(spatial, kernel_size, strides, dilation):
-        total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
-        pads.append((total // 2, total - total // 2))
-    return pads
-
-
 def _torch_conv(adapter, x, kernel, strides, padding, dilation, groups, channels_last, tract):
     """As Keras's torch backend runs ``ops.conv``: channels-first operands (channels-last
     memory format when the layer is channels-last), 'same' as explicit pads."""
@@ -92,7 +83,9 @@ def _torch_conv(adapter, x, kernel, strides, padding, dilation, groups, channels
         weight = weight.contiguous(memory_format=memory_format)
     torch_padding = 0
     if padding == "same":
-        pads = _same_pads(x.shape[2:], weight.shape[2:], strides, dilation)
+        # Keras 'same' as TF and XLA resolve it (the odd pixel goes high).
+        pads = resolve_pads("SAME", tuple(x.shape[2:]), tuple(weight.shape[2:]), strides,
+                            dilation)
         if all(lo == hi for lo, hi in pads):
             torch_padding = [lo for lo, _ in pads]
         else:  # torch's conv takes symmetric pads only

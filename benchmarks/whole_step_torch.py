@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from bench_torch import _unfold_baseline  # noqa: E402
-from tract_compare.models import ResNet18, SmallCNN, SmallViT  # noqa: E402
+from bench_torch import _unfold_baseline
+from tract_compare.models import ResNet18, SmallCNN, SmallViT
 
 MODELS = {
     "cnn": (lambda: SmallCNN(1, 28, 10), (128, 1, 28, 28), "conv1"),

@@ -43,9 +43,8 @@ def statistics_dtype(xp, dtype, device=None, name="x"):
     """The dtype TrAct's products and solve run in: float64 wherever the array library
     has it on ``device``, else float32 (float64 input stays float64).
 
-    Pixel-scale patches (entries up to 255, neighbours strongly correlated) give systems
-    ``X^T X / b + lam I`` of condition 1e7-1e8 at lam = 0.1. Summed in float32, a Gram
-    loses their small eigenvalues (gradients off by 1e-2 to 1e-1, or a failed
+    Pixel-scale patches give systems of condition 1e7-1e8 at lam = 0.1: summed in
+    float32 their Gram loses the small eigenvalues (errors of 1e-2 to 1e-1, or a failed
     Cholesky); products of float32 entries are exact in float64.
     """
     if not xp.isdtype(dtype, "real floating"):
@@ -205,19 +204,14 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     xp = xp or array_api_compat.array_namespace(x, grad_z)
     x, grad_z = _in_statistics_dtype(xp, x, grad_z)
     n_g = x.shape[1] // groups * math.prod(kernel_size)
-    found = backend(xp)
-    if n_g <= found.few_patch_entries or _patches.disjoint_patches(kernel_size, stride,
-                                                                    dilation):
-        return _patches.patch_moments(x, grad_z, kernel_size, stride, dilation, groups, xp=xp)
-    plain = found.filter_grad(x, grad_z, kernel_size, stride, dilation, groups)
-    images = max(1, _GRAM_CHUNK // math.prod(x.shape[1:]))
+    found, geometry = backend(xp), (kernel_size, stride, dilation, groups)
+    if n_g <= found.few_patch_entries or _patches.disjoint_patches(*geometry[:3]):
+        return _patches.patch_moments(x, grad_z, *geometry, xp=xp)
+    plain = found.filter_grad(x, grad_z, *geometry)
+    images = max(1, (1 << 24) // math.prod(x.shape[1:]))  # bounds the input per call
     (gram_,) = found.sum_over_chunks(
-        lambda part: (_conv_gram.conv_gram(part, kernel_size, stride, dilation, groups,
-                                           xp=xp),), (x,), images)
+        lambda part: (_conv_gram.conv_gram(part, *geometry, xp=xp),), (x,), images)
     return xp.reshape(plain, (groups, -1, n_g)), gram_
-
-
-_GRAM_CHUNK = 1 << 24  # input entries per call of the structured Gram
 
 
 def conv_weight_grad(x, grad_z, kernel_size, stride, dilation, groups=1, lam=0.1, *,

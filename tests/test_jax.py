@@ -139,19 +139,6 @@ def to_torch_layout(case, z, grad_x, grad_kernel):
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
-def test_float64_matches_fixture(case):
-    [(z, grad_x, grad_kernel, grad_bias), _] = run_case(case.name, "float64", True)
-    z, grad_x, grad_weight = to_torch_layout(case, z, grad_x, grad_kernel)
-    assert_close(z, case.z, 1e-12, "z")
-    assert_close(grad_x, case.grad_x, 1e-12, "grad_x")
-    assert_close(grad_weight, case.grad_weight, 1e-8, "grad_weight")
-    if case.has_bias:
-        assert_close(grad_bias, case.grad_bias, 1e-12, "grad_bias")
-    else:
-        assert grad_bias is None
-
-
-@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_forward_and_input_gradients_are_bitwise_lax(case):
     ours, plain = run_case(case.name, "float64", True)
     for what, a, b in zip(("z", "grad_x", "grad_bias"), ours[:2] + ours[3:], plain[:2] + plain[3:]):
@@ -161,21 +148,6 @@ def test_forward_and_input_gradients_are_bitwise_lax(case):
             assert a.dtype == b.dtype and np.array_equal(a, b), what
     # The kernel cotangent is the one thing that differs.
     assert not np.allclose(ours[2], plain[2])
-
-
-@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
-def test_float32_matches_fixture(case):
-    [(z, grad_x, grad_kernel, grad_bias)] = run_case(case.name, "float32")
-    assert grad_kernel.dtype == jnp.float32
-    z, grad_x, grad_weight = to_torch_layout(case, z, grad_x, grad_kernel)
-    # z and grad_x are the plain layer's, at XLA's default precision: TF32 on GPUs.
-    # TrAct's own backward runs at full float32 everywhere.
-    plain_rtol = 2e-4 if jax.default_backend() == "cpu" else 2e-3
-    assert_close(z, case.z, plain_rtol, "z")
-    assert_close(grad_x, case.grad_x, plain_rtol, "grad_x")
-    assert_close(grad_weight, case.grad_weight, 2e-4, "grad_weight")
-    if case.has_bias:
-        assert_close(grad_bias, case.grad_bias, 2e-4, "grad_bias")
 
 
 @pytest.mark.parametrize("name", ["linear_b_lt_n", "conv2d_cifar_stem"])
@@ -286,19 +258,6 @@ def test_dense_precision_and_token_axes():
 # --------------------------------------------------------------------------- checks
 
 
-BAD_LAMS = [0, 0.0, -0.1, float("nan"), float("inf"), True, "0.1", None]
-
-
-@pytest.mark.parametrize("lam", BAD_LAMS, ids=repr)
-def test_bad_lam_raises_value_error(lam):
-    x, kernel = jnp.ones((4, 3)), jnp.ones((3, 2))
-    with pytest.raises(ValueError, match="lam"):
-        tj.dense(x, kernel, lam=lam)
-    with pytest.raises(ValueError, match="lam"):
-        tj.conv(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 2)), lam=lam)
-    # Also when the call is being traced.
-    with pytest.raises(ValueError, match="lam"):
-        jax.jit(lambda x: tj.dense(x, kernel, lam=lam))(x)
 
 
 @pytest.mark.parametrize("kwargs, argument", [

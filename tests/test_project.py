@@ -8,16 +8,20 @@ ROOT = pathlib.Path(__file__).parents[1]
 FRAMEWORKS = {"torch", "jax", "jaxlib", "flax", "equinox", "tensorflow", "keras", "optax"}
 # Each module may import these frameworks and these tract_core modules (the house's layers).
 ALLOWED = {
-    "_core": (set(), {"_backends"}),
-    "_backends": ({"torch", "jax"}, set()),
-    "_args": (set(), set()),  # lazily, only for arrays of that library
-    "__init__": (set(), {"_core"}),
-    "torch": ({"torch"}, {"_core", "__init__"}),
-    "jax": ({"jax"}, {"_core", "_args", "__init__"}),
-    "tensorflow": ({"tensorflow"}, {"_core", "_args", "__init__"}),
-    "flax": ({"jax", "flax"}, {"jax", "_core", "__init__"}),
+    "_args": (set(), set()),
+    "_backends": ({"torch", "jax"}, set()),  # lazily, only for arrays of that library
+    "_patches": (set(), {"_backends"}),
+    "_conv_gram": (set(), {"_backends", "_patches"}),
+    "_core": (set(), {"_backends", "_patches", "_conv_gram"}),
+    "__init__": (set(), {"_core", "_patches", "_conv_gram"}),
+    "_tf_namespace": ({"tensorflow"}, {"_backends", "_patches"}),
+    "_jax_vmap": ({"jax"}, set()),
+    "torch": ({"torch"}, {"__init__", "_args"}),
+    "jax": ({"jax"}, {"__init__", "_args", "_backends", "_jax_vmap"}),
+    "tensorflow": ({"tensorflow"}, {"__init__", "_args", "_tf_namespace"}),
+    "flax": ({"jax", "flax"}, {"jax", "__init__"}),
     "keras": ({"keras", "torch", "jax", "tensorflow"},
-              {"torch", "jax", "tensorflow", "_core", "__init__"}),
+              {"torch", "jax", "tensorflow", "__init__", "_args"}),
 }
 
 
@@ -33,8 +37,9 @@ def imports_of(path):
                     frameworks.add(top)
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            if node.level:  # relative: from ._core import x / from . import y
-                internal.add(module.split(".")[0] if module else "__init__")
+            if node.level:  # relative: from ._core import x / from . import _core
+                internal.update([module.split(".")[0]] if module
+                                else (alias.name for alias in node.names))
             elif module.split(".")[0] == "tract_core":
                 parts = module.split(".")
                 internal.add(parts[1] if len(parts) > 1 else "__init__")

@@ -14,11 +14,11 @@ its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import array_api_compat
-
-from . import _conv_gram
 
 
 class _Generic:
@@ -49,7 +49,7 @@ class _Generic:
 
     def correlate(self, g, y, shifts):
         """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u] for u < shifts per axis."""
-        return _conv_gram.correlate_by_slices(self.xp, g, y, shifts)
+        return correlate_by_slices(self.xp, g, y, shifts)
 
     @staticmethod
     def batch_size(x):
@@ -162,7 +162,76 @@ class _Jax(_Generic):
 
     def correlate(self, g, y, shifts):
         # XLA's CPU convolutions are slow on a window as large as the image; FFTs are not.
-        return _conv_gram.correlate_by_fft(self.xp, g, y, shifts)
+        return correlate_by_fft(self.xp, g, y, shifts)
+
+
+def statistics_dtype(xp, dtype, device=None, name="x"):
+    """The dtype TrAct's products and solve run in: float64 wherever the array library
+    has it on ``device``, else float32 (float64 input stays float64).
+
+    Pixel-scale patches give systems of condition 1e7-1e8 at lam = 0.1: summed in
+    float32 their Gram loses the small eigenvalues (errors of 1e-2 to 1e-1, or a failed
+    Cholesky); products of float32 entries are exact in float64.
+    """
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {dtype}")
+    if backend(xp).has_float64(device):
+        return xp.float64
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def correlate_by_slices(xp, g, y, shifts):
+    """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u]: one matmul per shift u.
+
+    g: (N, I, *inner), y: (N, J, *outer) with outer = inner + shifts - 1.
+    Returns (I, J, *shifts).
+    """
+    inner = g.shape[2:]
+    rows = xp.reshape(xp.permute_dims(g, (1, 0, *range(2, g.ndim))), (g.shape[1], -1))
+    out = []
+    for shift in itertools.product(*(range(k) for k in shifts)):
+        window = tuple(slice(u, u + n) for u, n in zip(shift, inner))
+        moved = xp.permute_dims(y[(slice(None), slice(None), *window)], (1, 0, *range(2, y.ndim)))
+        out.append(xp.matmul(rows, xp.linalg.matrix_transpose(
+            xp.reshape(moved, (y.shape[1], -1)))))
+    return xp.reshape(xp.stack(out, axis=-1), (g.shape[1], y.shape[1], *shifts))
+
+
+_CORRELATE_CHUNK = 1 << 21  # entries of y transformed at once (bounds the spectra)
+
+
+def correlate_by_fft(xp, g, y, shifts):
+    """`correlate_by_slices` by real FFTs of at least y's size (so no lag wraps
+    around), the images in chunks; the sum over images is a matmul per frequency."""
+    size = [_fft_size(s) for s in y.shape[2:]]
+    axes = tuple(range(2, y.ndim))
+    step = max(1, _CORRELATE_CHUNK // math.prod(y.shape[1:]))
+    spectrum = 0
+    for lo in range(0, g.shape[0], step):
+        left = xp.conj(xp.fft.rfftn(g[lo:lo + step], s=size, axes=axes))
+        right = xp.fft.rfftn(y[lo:lo + step], s=size, axes=axes)
+        frequencies = (*left.shape[2:],)
+        left = xp.permute_dims(xp.reshape(left, (*left.shape[:2], -1)), (2, 1, 0))
+        right = xp.permute_dims(xp.reshape(right, (*right.shape[:2], -1)), (2, 0, 1))
+        spectrum = spectrum + xp.matmul(left, right)  # (F, I, J)
+    spectrum = xp.reshape(xp.permute_dims(spectrum, (1, 2, 0)),
+                          (g.shape[1], y.shape[1], *frequencies))
+    out = xp.fft.irfftn(spectrum, s=size, axes=axes)
+    return out[(slice(None), slice(None), *(slice(0, k) for k in shifts))]
+
+
+@functools.cache
+def _fft_size(length):
+    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
+    size = max(length, 1)
+    while True:
+        rest = size
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
 
 
 _BY_NAMESPACE = {}  # a plain memo: torch.compile traces through it without warnings

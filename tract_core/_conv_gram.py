@@ -16,7 +16,6 @@ The index arithmetic is numpy, computed once per geometry (`_GramPlan`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 
@@ -24,6 +23,7 @@ import array_api_compat
 import numpy as np
 
 from . import _patches
+from ._backends import backend, correlate_by_fft, statistics_dtype  # noqa: F401
 
 
 def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
@@ -38,9 +38,6 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
         (groups, n_g, n_g) in the statistics dtype, n_g = C / groups * prod(kernel_size),
         equal to the Gram of `tract_core.conv_patches`.
     """
-    from ._backends import backend
-    from ._core import gram, statistics_dtype  # the math module sits above this one
-
     xp = xp or array_api_compat.array_namespace(x)
     device = array_api_compat.device(x)
     x = xp.astype(x, statistics_dtype(xp, x.dtype, device), copy=False)
@@ -57,7 +54,8 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
     reach = [max(e for _, e in axis) for axis in _tap_phases(kernel_size, stride, dilation)]
     if not any(reach) or any(n <= e for n, e in zip(out, reach)):
         # No overlap between taps' windows (ViT patches), or no common window.
-        return gram(_patches.conv_patches(x, kernel_size, stride, dilation, xp=xp), xp=xp)
+        patches = _patches.conv_patches(x, kernel_size, stride, dilation, xp=xp)
+        return _patches.rows_gram(xp, patches)
     geometry = (channels, tuple(spatial), kernel_size, stride, dilation)
     plan = _gram_plan(*geometry)
     found = backend(xp)
@@ -164,8 +162,6 @@ _FRAME_CHUNK = 1 << 21  # frame patch entries gathered at once (16 MiB in float6
 def _frame(xp, x, plan, geometry):
     """sum_p mask[p, r1] X[p, r1] X[p, r2] over the frame positions p, their patches
     gathered in chunks of positions to bound memory."""
-    from ._backends import backend
-
     n_batch, n_cols = x.shape[0], plan.frame_index.shape[1]
     device = array_api_compat.device(x)
     frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
@@ -212,57 +208,3 @@ def _phase_stack(xp, x, plan, stride):
                 image = xp.concat([image, zeros], axis=2 + axis)
         images.append(image)
     return xp.concat(images, axis=1) if len(images) > 1 else images[0]
-
-
-def correlate_by_slices(xp, g, y, shifts):
-    """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u]: one matmul per shift u.
-
-    g: (N, I, *inner), y: (N, J, *outer) with outer = inner + shifts - 1.
-    Returns (I, J, *shifts).
-    """
-    inner = g.shape[2:]
-    rows = xp.reshape(xp.permute_dims(g, (1, 0, *range(2, g.ndim))), (g.shape[1], -1))
-    out = []
-    for shift in itertools.product(*(range(k) for k in shifts)):
-        window = tuple(slice(u, u + n) for u, n in zip(shift, inner))
-        moved = xp.permute_dims(y[(slice(None), slice(None), *window)], (1, 0, *range(2, y.ndim)))
-        out.append(xp.matmul(rows, xp.linalg.matrix_transpose(
-            xp.reshape(moved, (y.shape[1], -1)))))
-    return xp.reshape(xp.stack(out, axis=-1), (g.shape[1], y.shape[1], *shifts))
-
-
-_CORRELATE_CHUNK = 1 << 21  # entries of y transformed at once (bounds the spectra)
-
-
-def correlate_by_fft(xp, g, y, shifts):
-    """`correlate_by_slices` by real FFTs of at least y's size (so no lag wraps
-    around), the images in chunks; the sum over images is a matmul per frequency."""
-    size = [_fft_size(s) for s in y.shape[2:]]
-    axes = tuple(range(2, y.ndim))
-    step = max(1, _CORRELATE_CHUNK // math.prod(y.shape[1:]))
-    spectrum = 0
-    for lo in range(0, g.shape[0], step):
-        left = xp.conj(xp.fft.rfftn(g[lo:lo + step], s=size, axes=axes))
-        right = xp.fft.rfftn(y[lo:lo + step], s=size, axes=axes)
-        frequencies = (*left.shape[2:],)
-        left = xp.permute_dims(xp.reshape(left, (*left.shape[:2], -1)), (2, 1, 0))
-        right = xp.permute_dims(xp.reshape(right, (*right.shape[:2], -1)), (2, 0, 1))
-        spectrum = spectrum + xp.matmul(left, right)  # (F, I, J)
-    spectrum = xp.reshape(xp.permute_dims(spectrum, (1, 2, 0)),
-                          (g.shape[1], y.shape[1], *frequencies))
-    out = xp.fft.irfftn(spectrum, s=size, axes=axes)
-    return out[(slice(None), slice(None), *(slice(0, k) for k in shifts))]
-
-
-@functools.cache
-def _fft_size(length):
-    """The smallest size >= length with no prime factor above 7 (fast FFT lengths)."""
-    size = max(length, 1)
-    while True:
-        rest = size
-        for prime in (2, 3, 5, 7):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1

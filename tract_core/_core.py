@@ -26,7 +26,7 @@ import numbers
 import array_api_compat
 
 from . import _conv_gram, _patches
-from ._backends import backend
+from ._backends import backend, statistics_dtype
 
 
 def check_lam(lam) -> float:
@@ -37,21 +37,6 @@ def check_lam(lam) -> float:
     if not 0 < value < math.inf:  # comparisons only: torch.compile traces them
         raise ValueError(f"lam must be a finite real number > 0, got {lam!r}")
     return value
-
-
-def statistics_dtype(xp, dtype, device=None, name="x"):
-    """The dtype TrAct's products and solve run in: float64 wherever the array library
-    has it on ``device``, else float32 (float64 input stays float64).
-
-    Pixel-scale patches give systems of condition 1e7-1e8 at lam = 0.1: summed in
-    float32 their Gram loses the small eigenvalues (errors of 1e-2 to 1e-1, or a failed
-    Cholesky); products of float32 entries are exact in float64.
-    """
-    if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {dtype}")
-    if backend(xp).has_float64(device):
-        return xp.float64
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
 def _mT(xp, a):
@@ -74,22 +59,7 @@ def gram(x, *, xp=None):
     """
     xp = xp or array_api_compat.array_namespace(x)
     (x,) = _in_statistics_dtype(xp, x)
-    return _symmetric_product(xp, x)
-
-
-def _symmetric_product(xp, x, leaf=128):
-    """X^T X as [[L^T L, L^T R], [R^T L, R^T R]] for X = [L R], the off-diagonal block
-    computed once and each diagonal one the same way: for wide rows (ViT patches,
-    n = 768) 56% of one matmul's flops. Splits at multiples of 32 columns."""
-    n = x.shape[-1]
-    if n <= leaf:
-        return xp.matmul(_mT(xp, x), x)
-    half = max(32, round(n / 64) * 32)
-    left, right = x[..., :half], x[..., half:]
-    cross = xp.matmul(_mT(xp, left), right)
-    return xp.concat([xp.concat([_symmetric_product(xp, left), cross], axis=-1),
-                      xp.concat([_mT(xp, cross), _symmetric_product(xp, right)], axis=-1)],
-                     axis=-2)
+    return _patches.rows_gram(xp, x)
 
 
 def precondition(grad_w, gram, count, lam, *, xp=None):
@@ -180,7 +150,7 @@ def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
     xs, gs = _in_statistics_dtype(xp, x, grad_z)
 
     def moments():
-        return xp.matmul(_mT(xp, gs), xs), _symmetric_product(xp, xs)
+        return xp.matmul(_mT(xp, gs), xs), _patches.rows_gram(xp, xs)
 
     rows = backend(xp).batch_size(x) if x.ndim == 2 else x.shape[-2]
     out = _tract(xp, rows, x.shape[-1], lam, moments, lambda: (xs, gs), replica_sum)

@@ -430,29 +430,6 @@ def test_benchmark_baseline_computes_the_same_gradient_as_tract(monkeypatch):
     torch.testing.assert_close(grads["unfold"], grads["tract"], rtol=1e-10, atol=0)
 
 
-def test_floor_benchmark_kernels_compute_tract(monkeypatch):
-    """floor_torch.py times bare kernels as TrAct's least work for ViT patches: they must
-    give the wrapped layer's output and gradients, in fp64."""
-    import importlib.util
-
-    benchmarks = pathlib.Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # for its _harness and bench_torch
-    spec = importlib.util.spec_from_file_location("floor_torch", benchmarks / "floor_torch.py")
-    floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(floor)
-    torch.manual_seed(0)
-    plain = nn.Conv2d(3, 5, 4, stride=4).double()
-    x = torch.randn(6, 3, 12, 12, dtype=torch.float64)
-    grad_z = torch.randn(6, 5, 3, 3, dtype=torch.float64)
-    layer = tt.wrap(plain, lam=0.1)
-    z = layer(x)
-    z.backward(grad_z)
-    bare = floor.tract_kernels(x, grad_z, plain.weight.detach(), plain.bias.detach(),
-                               plain.stride, lam=0.1)
-    torch.testing.assert_close(bare, (z.detach(), plain.weight.grad, plain.bias.grad),
-                               rtol=1e-12, atol=0)
-
-
 def test_forward_and_backward_read_nothing_back_to_the_host(monkeypatch, device):
     """No tensor value reaches Python during a step (on a GPU, .item(), bool(), float(),
     .tolist() or .numpy() each wait for the device): every conv path, the push-through

@@ -172,11 +172,11 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
         ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g).
     """
     xp = xp or array_api_compat.array_namespace(x, grad_z)
-    x, grad_z = _in_statistics_dtype(xp, x, grad_z)
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     found, geometry = backend(xp), (kernel_size, stride, dilation, groups)
     if n_g <= found.few_patch_entries or _patches.disjoint_patches(*geometry[:3]):
-        return _patches.patch_moments(x, grad_z, *geometry, xp=xp)
+        return _patches.patch_moments(x, grad_z, *geometry, xp=xp)  # cast chunk by chunk
+    x, grad_z = _in_statistics_dtype(xp, x, grad_z)
     plain = found.filter_grad(x, grad_z, *geometry)
     images = max(1, (1 << 24) // math.prod(x.shape[1:]))  # bounds the input per call
     (gram_,) = found.sum_over_chunks(

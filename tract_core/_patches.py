@@ -12,7 +12,7 @@ import math
 
 import array_api_compat
 
-from ._backends import backend
+from ._backends import backend, statistics_dtype
 
 
 def conv_output_shape(spatial, kernel_size, stride, dilation):
@@ -78,7 +78,7 @@ def _image_patches(xp, x, kernel_size, stride, dilation, groups):
     return xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
 
 
-_PATCH_CHUNK = 1 << 22  # patch entries extracted at once (32 MiB in float64)
+_PATCH_CHUNK = 1 << 21  # patch entries extracted at once (16 MiB in float64)
 
 
 def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
@@ -93,7 +93,7 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
         kernel_size, stride, dilation: one int per spatial axis. groups: feature groups.
 
     Returns:
-        ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g), in the dtype of x.
+        ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g), statistics dtype.
     """
     xp = xp or array_api_compat.array_namespace(x, grad_z)
     m = grad_z.shape[1]
@@ -101,7 +101,12 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     positions = math.prod(grad_z.shape[2:])
     disjoint = disjoint_patches(kernel_size, stride, dilation)
 
+    dtype = statistics_dtype(xp, x.dtype, array_api_compat.device(x))
+
     def products(x, grad_z):
+        # Cast here, a chunk at a time: a float64 copy of the whole input and gradient
+        # would cost more memory than the chunk's patches.
+        x, grad_z = xp.astype(x, dtype, copy=False), xp.astype(grad_z, dtype, copy=False)
         patches = _image_patches(xp, x, kernel_size, stride, dilation, groups)
         grads = xp.reshape(grad_z, (-1, groups, m // groups, positions))
         if disjoint:  # patches already a transposed copy: one (g, n_g, b) matrix

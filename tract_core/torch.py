@@ -3,15 +3,15 @@
     >>> import torch, tract_core.torch as tt
     >>> conv = tt.wrap(torch.nn.Conv2d(3, 16, 3, padding=1), lam=0.1)
 
-The wrapped forward is the plain layer's with the weight detached (outputs, input and bias
-gradients as the plain layer's), then an identity autograd node that owns the weight and
-turns G = dL/dz into TrAct's weight gradient.
+Outputs, input and bias gradients are the plain layer's: an identity autograd node on the
+output owns the weight and turns G = dL/dz into TrAct's weight gradient.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
+import typing
 
 import array_api_compat.torch as _xp
 import torch
@@ -27,112 +27,66 @@ _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
+class _Spec(typing.NamedTuple):
     """One layer call: TrAct's settings and, for a conv (a stride), its geometry."""
 
     lam: float
     sync: bool
-    group: object  # torch.distributed process group; None: the default group
-    pad: tuple = ()  # F.pad order: last axis first, (lo, hi) each
-    pad_mode: str = "zeros"  # nn.ConvNd's padding_mode
+    group: str  # the torch.distributed process group's name; "": the default group
+    pad: tuple = ()  # the zero padding as F.pad takes it: last axis first, (lo, hi) each
     stride: tuple = ()
     dilation: tuple = ()
     groups: int = 1
-    padding: object = 0  # F.conv's own: the zeros mode's forward, bit for bit
-
-    def padded(self, x):
-        mode = "constant" if self.pad_mode == "zeros" else self.pad_mode
-        return nn.functional.pad(x, self.pad, mode=mode) if any(self.pad) else x
+    padding: object = 0  # F.conv's own: nn.ConvNd's forward, bit for bit; not in backward
 
     def plain_forward(self, x, weight, bias=None):
         if not self.stride:
             return nn.functional.linear(x, weight, bias)
-        # Other modes as nn.ConvNd does them: pad, then convolve with no padding.
-        x, padding = (x, self.padding) if self.pad_mode == "zeros" else (self.padded(x), 0)
-        return _CONV[len(self.stride)](x, weight, bias, self.stride, padding, self.dilation,
-                                       self.groups)
-
-    def replica_sum(self, gram, count):
-        """The core's replica_sum: Gram and row count (no host sync) all-reduced."""
-        gram = gram.contiguous()  # all_reduce works in place on dense storage
-        count = torch.full((), count, dtype=gram.dtype, device=gram.device)
-        torch.distributed.all_reduce(gram, group=self.group)
-        torch.distributed.all_reduce(count, group=self.group)
-        return gram, count
+        return _CONV[len(self.stride)](x, weight, bias, self.stride, self.padding,
+                                       self.dilation, self.groups)
 
 
-def _weight_grad(x, grad_z, weight, spec):
+def _replica_sum(group, gram, count):
+    """The core's replica_sum: Gram and row count all-reduced as one tensor."""
+    flat = torch.cat([gram.reshape(-1), gram.new_full((1,), count)])
+    torch.distributed.all_reduce(flat, group=group)
+    return flat[:-1].reshape(gram.shape), flat[-1]
+
+
+def _weight_grad(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor, lam: float,
+                 sync: bool, group: str, pad: list[int], stride: list[int],
+                 dilation: list[int], groups: int) -> torch.Tensor:
     """TrAct's weight gradient from the core, in the weight's shape and dtype."""
-    syncing = spec.sync and torch.distributed.is_available() and torch.distributed.is_initialized()
-    core = {"replica_sum": spec.replica_sum if syncing else None, "xp": _xp}
-    # The statistics dtype is float64 wherever the device has it: neither TF32 nor autocast
-    # touch float64 products. Autocast off for float32 statistics (MPS), which it would lower.
+    replica_sum = None
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        resolve = torch.distributed.distributed_c10d._resolve_process_group
+        replica_sum = functools.partial(_replica_sum, resolve(group) if group else None)
+    core = {"replica_sum": replica_sum, "xp": _xp}
+    # Float64 statistics are safe from TF32 and autocast; autocast is off for the float32
+    # statistics of devices without float64 (MPS), which it would lower.
     dtype = _tc.statistics_dtype(_xp, torch.promote_types(x.dtype, grad_z.dtype), x.device)
     with torch.autocast(grad_z.device.type, enabled=False):
         x, grad_z = x.to(dtype), grad_z.to(dtype)
-        if spec.stride:
-            grad_w = _tc.conv_weight_grad(spec.padded(x), grad_z, weight.shape[2:], spec.stride,
-                                          spec.dilation, spec.groups, spec.lam, **core)
+        if stride:
+            x = nn.functional.pad(x, pad) if any(pad) else x
+            grad_w = _tc.conv_weight_grad(x, grad_z, weight.shape[2:], stride, dilation, groups,
+                                          lam, **core)
         else:
             grad_w = _tc.weight_grad(x.reshape(-1, weight.shape[1]),
-                                     grad_z.reshape(-1, weight.shape[0]), spec.lam, **core)
+                                     grad_z.reshape(-1, weight.shape[0]), lam, **core)
     return grad_w.reshape(weight.shape).to(weight.dtype)
 
 
-@torch.library.custom_op("tract_core::weight_grad", mutates_args=())
-def _weight_grad_op(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor, lam: float,
-                    sync: bool, group_name: str, pad: list[int], pad_mode: str,
-                    stride: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    """:func:`_weight_grad` as one opaque op for torch.compile, which cannot trace the
-    core's memos and numpy index plans in a backward: the op runs them eagerly. Ops take
-    no Python objects: the process group goes by name."""
-    c10d = torch.distributed.distributed_c10d
-    group = c10d._resolve_process_group(group_name) if group_name else None
-    spec = _Spec(lam, sync, group, tuple(pad), pad_mode, tuple(stride), tuple(dilation), groups)
-    return _weight_grad(x, grad_z, weight, spec)
-
-
+# torch.compile cannot trace the core's index plans in a backward: it runs this op eagerly.
+# Ops take no Python objects, hence the process group by name.
+_weight_grad_op = torch.library.custom_op("tract_core::weight_grad", _weight_grad,
+                                          mutates_args=())
 _weight_grad_op.register_fake(lambda x, grad_z, weight, *args: torch.empty_like(
     weight, memory_format=torch.contiguous_format))
 
 
 class _TrActGrads(torch.autograd.Function):
-    """Identity on the layer output z whose backward gives the weight TrAct's gradient."""
-
-    # forward(ctx, ...): apply() binds setup_context's arguments by inspect.signature, slower.
-    @staticmethod
-    def forward(ctx, z, weight, x, spec):
-        # z itself, marked dirty (no view): in-place ops after it (ReLU(inplace=True)) work.
-        ctx.mark_dirty(z)
-        ctx.save_for_backward(weight, x)
-        ctx.spec = spec
-        return z
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        (weight, x), spec = ctx.saved_tensors, ctx.spec
-        grad_w = grad_x = None
-        if ctx.needs_input_grad[1] and not torch.compiler.is_compiling():
-            grad_w = _weight_grad(x, grad_z, weight, spec)
-        elif ctx.needs_input_grad[1]:
-            group = spec.group.group_name if spec.sync and spec.group is not None else ""
-            grad_w = _weight_grad_op(x, grad_z, weight, spec.lam, spec.sync, group,
-                                     list(spec.pad), spec.pad_mode, list(spec.stride),
-                                     list(spec.dilation), spec.groups)
-        if torch.is_grad_enabled() and ctx.needs_input_grad[2]:  # create_graph=True
-            # Zero, whose derivative in W is the plain input gradient's dx = dz/dx^T G, which
-            # the layer's node computes blind to W: gradient penalties get the plain weight
-            # gradient through dx. torch.func.vjp, not autograd.grad: it nests in torch.func.
-            _, vjp = torch.func.vjp(lambda xs: spec.plain_forward(xs, weight), x.detach())
-            (dx,) = vjp(grad_z.detach())
-            grad_x = dx - dx.detach()
-        return grad_z, grad_w, grad_x, None
-
-
-class _TrActGradsForTransforms(_TrActGrads):
-    """For torch.func's transforms, which need setup_context and a vmap rule. Under vmap
-    each mapped call is a batch of its own, with its own rows' Gram."""
+    """Identity on the output z whose backward gives the weight TrAct's gradient (per vmap call)."""
 
     @staticmethod
     def forward(z, weight, x, spec):
@@ -140,17 +94,33 @@ class _TrActGradsForTransforms(_TrActGrads):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _TrActGrads.forward(ctx, *inputs)  # its saving
+        z, weight, x, ctx.spec = inputs
+        ctx.mark_dirty(z)  # z itself, not a view: in-place ops after it (ReLU) work
+        ctx.save_for_backward(weight, x)
 
     @staticmethod
     def vmap(info, in_dims, z, weight, x, spec):
         return z, in_dims[0]
 
+    @staticmethod
+    def backward(ctx, grad_z):
+        (weight, x), spec = ctx.saved_tensors, ctx.spec
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[1]:
+            weight_grad = _weight_grad_op if torch.compiler.is_compiling() else _weight_grad
+            grad_w = weight_grad(x, grad_z, weight, *spec[:-1])
+        if torch.is_grad_enabled() and ctx.needs_input_grad[2]:  # create_graph=True
+            # Zero whose derivative in W is that of dx = dz/dx^T G (the layer's node has it
+            # blind to W): penalties on dx get the plain weight gradient. vjp nests in torch.func.
+            _, vjp = torch.func.vjp(lambda xs: spec.plain_forward(xs, weight), x.detach())
+            (dx,) = vjp(grad_z.detach())
+            grad_x = dx - dx.detach()
+        return grad_z, grad_w, grad_x, None
+
 
 def _apply(x, weight, bias, spec):
     """The plain forward, and TrAct's node on its output if the weight wants a gradient."""
-    # autograd.Function.apply's own check for torch.func's transforms. Under them a weight
-    # only an outer one differentiates (nested grads) has requires_grad False: node anyway.
+    # Under torch.func, a weight only an outer transform differentiates has no requires_grad.
     transforms = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if not (torch.is_grad_enabled() and (weight.requires_grad or transforms)):
         return spec.plain_forward(x, weight, bias)
@@ -158,8 +128,7 @@ def _apply(x, weight, bias, spec):
     if z.is_complex():
         raise TypeError(f"TrAct's weight gradient needs real floating point tensors; got "
                         f"weight of dtype {weight.dtype} and input of dtype {x.dtype}")
-    function = _TrActGradsForTransforms if transforms else _TrActGrads
-    return function.apply(z, weight, x, spec)
+    return _TrActGrads.apply(z, weight, x, spec)
 
 
 def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
@@ -168,13 +137,14 @@ def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
     Args:
         x: (..., n) inputs; every leading position is one row of X.
         weight: (m, n). bias: (m,) or None. Real floating point (TypeError for complex).
-        lam, sync, process_group: as for :func:`wrap`.
+        lam, sync, process_group: as for `wrap`.
 
     Returns:
         (..., m), exactly ``F.linear(x, weight, bias)``. Input and bias gradients are the
         plain layer's, also under ``create_graph=True`` (gradient penalties).
     """
-    return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), process_group))
+    group = "" if process_group is None else process_group.group_name
+    return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), group))
 
 
 def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
@@ -186,11 +156,11 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         weight: (M, C / groups, *kernel_size). bias: (M,) or None. Real floating point.
         stride, dilation: int or one per axis. padding: int, one per axis, 'same' or
             'valid'. padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
-        lam, sync, process_group: as for :func:`wrap`.
+        lam, sync, process_group: as for `wrap`.
 
     Returns:
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
-        Input and bias gradients are the plain layer's, as for :func:`linear`.
+        Input and bias gradients are the plain layer's, as for `linear`.
     """
     lam, d = _tc.check_lam(lam), weight.ndim - 2
     if d not in _CONV:
@@ -204,19 +174,20 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     pads = _args.resolve_pads(_args.conv_padding(padding, d), x.shape[-d:], weight.shape[2:],
                               (1,) * d, dilation)
     pad = tuple(p for pair in reversed(pads) for p in pair)
-    spec = _Spec(lam, bool(sync), process_group, pad, padding_mode, stride, dilation, groups,
-                 padding)
-    # An unbatched input is a batch of one (as in F.conv*d): the node's output is no view.
-    unbatched = x.ndim == d + 1
-    z = _apply(x[None] if unbatched else x, weight, bias, spec)
+    unbatched = x.ndim == d + 1  # a batch of one, so that the node's output is no view
+    x = x[None] if unbatched else x
+    if padding_mode != "zeros":  # as nn.ConvNd: pad, then convolve with no padding
+        x, pad, padding = nn.functional.pad(x, pad, mode=padding_mode), (), 0
+    group = "" if process_group is None else process_group.group_name
+    spec = _Spec(lam, bool(sync), group, pad, stride, dilation, groups, padding)
+    z = _apply(x, weight, bias, spec)
     return z[0] if unbatched else z
 
 
 class _TrAct:
     """Mixin: TrAct layers are their plain layer plus ``lam``, ``sync``, ``process_group``."""
 
-    # Defaults for layers built directly, e.g. TrActConv2d(3, 64, 3); wrap() sets them.
-    lam: float = 0.1
+    lam: float = 0.1  # defaults for layers built directly, e.g. TrActConv2d(3, 64, 3)
     sync: bool = False
     process_group: object = None
 
@@ -254,9 +225,8 @@ _TRACT_TO_PLAIN = {tract: plain for plain, tract in _PLAIN_TO_TRACT.items()}
 
 
 def _rebuild(module, cls, drop=()):
-    """A new module of class ``cls`` holding the very same Parameter objects."""
+    """A new ``cls`` module with the same Parameters and its own (copied) registries."""
     twin = cls.__new__(cls)
-    # Copy the containers, not their contents: same Parameters, independent registries.
     twin.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
                           for k, v in module.__dict__.items() if k not in drop})
     return twin
@@ -266,23 +236,21 @@ def wrap(layer: nn.Module, lam: float = 0.1, sync: bool = False, process_group=N
     """TrAct twin of ``layer``: same Parameters, state_dict keys and forward.
 
     Args:
-        layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` with any options (stride, padding
-            incl. 'same'/'valid', dilation, groups, padding_mode, bias). A TrAct layer
-            is re-wrapped with the new settings.
+        layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` with any options, or a TrAct layer to
+            re-wrap with new settings.
         lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
         sync, process_group: with data parallelism (DDP, FSDP), all-reduce the n x n Gram
-            and the row count over the group (None: the world) inside backward, like
-            SyncBatchNorm: the averaged gradient is then the single-device full-batch
-            one. Without torch.distributed initialized, each replica uses its own rows.
+            and the row count over the group (None: the world) in backward, like
+            SyncBatchNorm: the averaged gradient is then the full-batch one. Without
+            torch.distributed initialized, each replica uses its own rows.
 
     Returns:
-        A ``TrActLinear``/``TrActConvNd`` (a subclass of the layer's class) whose
-        ``weight.grad`` after backward is ``G^T X (X^T X / b + lam I)^-1`` in the
-        weight's shape, b = batch x output positions (or x tokens).
+        A ``TrActLinear``/``TrActConvNd`` (a subclass of the layer's class) whose weight
+        gradient is ``G^T X (X^T X / b + lam I)^-1``, b = batch x output positions.
     """
     lam = _tc.check_lam(lam)
-    cls = type(layer) if type(layer) in _TRACT_TO_PLAIN else _PLAIN_TO_TRACT.get(type(layer))
-    if cls is None:
+    cls = _PLAIN_TO_TRACT.get(type(layer), type(layer))
+    if cls not in _TRACT_TO_PLAIN:
         names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN_TO_TRACT)
         raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")
     twin = _rebuild(layer, cls)

@@ -62,9 +62,9 @@ def _weight_grad(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor, la
         resolve = torch.distributed.distributed_c10d._resolve_process_group
         replica_sum = functools.partial(_replica_sum, resolve(group) if group else None)
     core = {"replica_sum": replica_sum, "xp": _xp}
-    # Float64 statistics are safe from TF32 and autocast; autocast is off for the float32
-    # statistics of devices without float64 (MPS), which it would lower.
-    dtype = _tc.statistics_dtype(_xp, torch.promote_types(x.dtype, grad_z.dtype), x.device)
+    # The core casts to float64 (safe from TF32 and autocast) chunk by chunk where it can;
+    # autocast is off for the float32 statistics of devices without float64 (MPS).
+    dtype = torch.promote_types(torch.promote_types(x.dtype, grad_z.dtype), weight.dtype)
     with torch.autocast(grad_z.device.type, enabled=False):
         x, grad_z = x.to(dtype), grad_z.to(dtype)
         if stride:

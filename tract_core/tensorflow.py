@@ -3,25 +3,19 @@
     >>> import tensorflow as tf, tract_core.tensorflow as ttf
     >>> z = ttf.conv(images, kernel, bias, strides=1, padding="SAME", lam=0.1)
 
-Same signatures and layouts as `tract_core.jax`: channels-last inputs, kernels
-``(n, m)`` for dense and ``(*window, C / groups, M)`` for conv.
+Same signatures and layouts as `tract_core.jax`: channels-last inputs, kernels ``(n, m)``
+for dense and ``(*window, C / groups, M)`` for conv. The plain op, as Keras runs it, runs
+on a ``tf.stop_gradient`` of the kernel, so forward values, input and bias gradients are
+exactly a plain layer's; a ``tf.custom_gradient`` identity that owns the kernel returns
+TrAct's kernel gradient (statistics in float64).
 
-How it hooks into autograd: the plain op (``tf.matmul``/``tf.tensordot`` or
-``tf.nn.convolution``, then the bias add) runs on a ``tf.stop_gradient`` of the kernel,
-so forward values, input gradients and bias gradients are those of exactly the ops a
-plain layer runs. The output then passes through an identity ``tf.custom_gradient`` node
-that owns the kernel; its gradient function receives G = dL/dz and returns TrAct's kernel
-gradient from `tract_core.weight_grad` or `tract_core.conv_weight_grad`
-(one system per feature group), its statistics and solve in float64 on TF's own ops.
-
-Everything works eagerly and inside ``tf.function`` (with or without ``jit_compile``).
-Shapes must be static except the batch axis; with a batch size known only at run time
-(as Keras traces) the kernel gradient solves the n x n system.
+Works eagerly and in ``tf.function`` (with or without ``jit_compile``). Shapes must be
+static but for the batch size; where it is known only at run time (as Keras traces) the
+kernel gradient solves the n x n system.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import tensorflow as tf
@@ -34,78 +28,48 @@ __all__ = ["conv", "dense"]
 
 
 def _replica_sum(sync):
-    """The core's ``replica_sum``: the Gram and row count summed over the replicas of the
-    tf.distribute replica context, or None (``sync`` off, or a single replica)."""
+    """The core's ``replica_sum`` over the tf.distribute replicas, or None (one replica)."""
     context = tf.distribute.get_replica_context() if sync else None
     if context is None or context.num_replicas_in_sync == 1:
         return None
-
-    def replica_sum(gram, count):
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, gram.dtype))
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, gram), total
-
-    return replica_sum
+    total = functools.partial(context.all_reduce, tf.distribute.ReduceOp.SUM)
+    return lambda gram, count: (total(gram), total(tf.cast(count, gram.dtype)))
 
 
-def _with_kernel_grad(z, kernel, kernel_grad):
-    """Identity on ``z`` whose gradient with respect to ``kernel`` is ``kernel_grad(dz)``.
-
-    ``z`` was computed from ``tf.stop_gradient(kernel)``, so this is the kernel's only path.
-    """
+def _tract_output(z, bias, kernel, kernel_grad):
+    """``z + bias`` with ``kernel_grad(dz)`` as its gradient with respect to ``kernel``."""
+    if bias is not None:
+        z = z + bias
 
     @tf.custom_gradient
     def tract_kernel_grad(z, kernel):
-        def grad(grad_z):
-            return grad_z, kernel_grad(grad_z)
-
-        return tf.identity(z), grad
+        return tf.identity(z), lambda grad_z: (grad_z, kernel_grad(grad_z))
 
     return tract_kernel_grad(z, kernel)
 
 
 def _operands(x, kernel, bias):
-    """x, kernel and bias (or None) as tensors of the kernel's floating dtype.
-
-    Tensors must have it already, as TF's own ops do not mix dtypes; numpy arrays and
-    Python numbers are converted to it. TypeError for integer, bool or complex ones.
-    """
+    """x, kernel, bias (or None) as tensors of the kernel's dtype (numpy arrays converted)."""
     kernel = tf.convert_to_tensor(kernel)
-    if not _is_float(kernel.dtype):
+    if not kernel.dtype.is_floating:
         raise TypeError(f"kernel must have a floating dtype (float16, bfloat16, float32 or "
                         f"float64), got {kernel.dtype.name}")
 
     def operand(value, name):
-        if value is None:
-            return None
-        dtype = getattr(value, "dtype", None)
+        dtype = getattr(value, "dtype", kernel.dtype)
         if tf.is_tensor(value) and dtype != kernel.dtype:
             raise TypeError(f"{name} must have the kernel's dtype {kernel.dtype.name}, got "
                             f"{tf.as_dtype(dtype).name}")
-        if dtype is not None and not _is_float(dtype):
+        try:
+            floating = tf.as_dtype(dtype).is_floating
+        except TypeError:  # numpy dtypes TF has no counterpart for (object, str)
+            floating = False
+        if not floating:
             raise TypeError(f"{name} must have a floating dtype (converted to the kernel's "
                             f"{kernel.dtype.name}), got {dtype}")
         return tf.convert_to_tensor(value, dtype=kernel.dtype)
 
-    return operand(x, "x"), kernel, operand(bias, "bias")
-
-
-def _is_float(dtype):
-    try:
-        return tf.as_dtype(dtype).is_floating
-    except TypeError:  # numpy dtypes TF has no counterpart for (object, str)
-        return False
-
-
-# --------------------------------------------------------------------------- dense
-
-
-def _dense_kernel_grad(x, grad_z, kernel, lam, sync):
-    n, m = kernel.shape
-    dtype = _tc.statistics_dtype(TF, x.dtype)
-    rows = tf.reshape(tf.cast(x, dtype), (-1, n))
-    grads = tf.reshape(tf.cast(grad_z, dtype), (-1, m))
-    grad_w = _tc.weight_grad(rows, grads, lam, replica_sum=_replica_sum(sync), xp=TF)
-    return tf.cast(tf.transpose(grad_w), kernel.dtype)  # (m, n) -> (n, m)
+    return operand(x, "x"), kernel, None if bias is None else operand(bias, "bias")
 
 
 def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
@@ -136,68 +100,46 @@ def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
     x, kernel, bias = _operands(x, kernel, bias)
     if kernel.shape.rank != 2:
         raise ValueError(f"kernel must have shape (n, m), got shape {tuple(kernel.shape)}")
-    if x.shape.rank is None or x.shape.rank < 1 or x.shape[-1] != kernel.shape[0]:
-        raise ValueError(f"x must have shape (..., {kernel.shape[0]}) to match kernel "
+    n, m = kernel.shape
+    if x.shape.rank is None or x.shape.rank < 1 or x.shape[-1] != n:
+        raise ValueError(f"x must have shape (..., {n}) to match kernel "
                          f"{tuple(kernel.shape)}, got shape {tuple(x.shape)}")
-    check_bias_shape(None if bias is None else bias.shape, kernel.shape[1])
+    check_bias_shape(None if bias is None else bias.shape, m)
     # The ops Keras's TensorFlow backend runs for Dense: matmul for 2-D x, else tensordot.
     frozen = tf.stop_gradient(kernel)
     z = (tf.matmul(x, frozen) if x.shape.rank == 2
          else tf.tensordot(x, frozen, axes=[[x.shape.rank - 1], [0]]))
-    if bias is not None:
-        z = z + bias
-    return _with_kernel_grad(
-        z, kernel, lambda grad_z: _dense_kernel_grad(x, grad_z, kernel, lam, sync))
+
+    def kernel_grad(grad_z):  # the core's (m, n) statistics in float64, transposed
+        rows, grads = tf.reshape(x, (-1, n)), tf.reshape(grad_z, (-1, m))
+        return tf.transpose(_tc.weight_grad(rows, grads, lam, replica_sum=_replica_sum(sync),
+                                            xp=TF))
+
+    return _tract_output(z, bias, kernel, kernel_grad)
 
 
-# --------------------------------------------------------------------------- conv
+def _convolution(x, kernel, strides, padding, dilation):
+    # The data format named, as Keras's TensorFlow backend names it: with the default
+    # (None), TF 2.21's eager gradient of the 3-D convolution fails.
+    return tf.nn.convolution(x, kernel, strides, padding, dilations=dilation,
+                             data_format="N" + "DHW"[5 - x.shape.rank:] + "C")
 
 
-@dataclasses.dataclass(frozen=True)
-class _ConvGeometry:
-    """The static options of one conv call, per spatial axis; pads as (lo, hi) pairs."""
-
-    strides: tuple
-    pads: tuple
-    dilation: tuple
-    groups: int
+# TF's CPU kernels lack grouped convolutions: as in Keras, those run through XLA.
+_xla_convolution = tf.function(_convolution, jit_compile=True, autograph=False)
 
 
-_DATA_FORMATS = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
-
-
-@functools.cache
-def _xla_convolution(strides, padding, dilation):
-    """``tf.nn.convolution`` compiled by XLA: TF's own CPU kernels (and their gradients)
-    lack grouped convolutions, so, as Keras does, grouped ones run through XLA."""
-
-    def convolution(x, kernel):
-        return tf.nn.convolution(x, kernel, strides, padding,
-                                 data_format=_DATA_FORMATS[x.shape.rank], dilations=dilation)
-
-    return tf.function(convolution, jit_compile=True, autograph=False)
-
-
-def _plain_conv(x, kernel, padding, geometry):
+def _plain_conv(x, kernel, padding, pads, strides, dilation, groups):
     """The plain channels-last convolution as Keras runs it: ``tf.nn.convolution`` with
-    'SAME'/'VALID', or ``tf.pad`` then 'VALID' for pairs and 'SAME_LOWER'.
-
-    The data format is named, as Keras's TensorFlow backend names it: with the default
-    (None), TF 2.21's eager gradient of the 3-D convolution fails. ``tf.nn.convolution``
-    refuses strides > 1 together with dilation > 1; that case runs at stride 1 and keeps
-    every stride-th output, the same sums at the same positions.
-    """
-    strides, dilation = geometry.strides, geometry.dilation
+    'SAME'/'VALID', or ``tf.pad`` then 'VALID' for pairs and 'SAME_LOWER'. Strides > 1
+    with dilation > 1 (which it refuses) run at stride 1, keeping every stride-th output."""
     subsample = max(strides) > 1 and max(dilation) > 1
     if padding not in ("SAME", "VALID") or subsample:
-        x = tf.pad(x, [(0, 0), *geometry.pads, (0, 0)])
+        x = tf.pad(x, [(0, 0), *pads, (0, 0)])
         padding = "VALID"
     conv_strides = (1,) * len(strides) if subsample else strides
-    if geometry.groups > 1:
-        z = _xla_convolution(conv_strides, padding, dilation)(x, kernel)
-    else:
-        z = tf.nn.convolution(x, kernel, conv_strides, padding,
-                              data_format=_DATA_FORMATS[x.shape.rank], dilations=dilation)
+    run = _xla_convolution if groups > 1 else _convolution
+    z = run(x, kernel, conv_strides, padding, dilation)
     if subsample:
         z = z[(slice(None), *(slice(None, None, s) for s in strides))]
     if x.shape[0] is None and z.shape[1:].is_fully_defined() and not compiling_with_xla():
@@ -208,27 +150,9 @@ def _plain_conv(x, kernel, padding, geometry):
     return z
 
 
-def _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync):
-    d = kernel.shape.rank - 2
-    *window, c_g, m = kernel.shape
-    # The core's layout, channels-first and padded; padded after the transpose, where
-    # rows are long (padding a channels-last tensor of 3 channels is slow).
-    first = (0, d + 1, *range(1, d + 1))
-    x = tf.transpose(x, first)
-    if any(map(any, geometry.pads)):
-        x = tf.pad(x, [(0, 0), (0, 0), *geometry.pads])
-    dtype = _tc.statistics_dtype(TF, x.dtype)
-    grad_w = _tc.conv_weight_grad(
-        tf.cast(x, dtype), tf.cast(tf.transpose(grad_z, first), dtype), tuple(window),
-        geometry.strides, geometry.dilation, geometry.groups, lam,
-        replica_sum=_replica_sum(sync), xp=TF)
-    grad_w = tf.reshape(grad_w, (m, c_g, *window))  # (g, M/g, C/g * K) -> torch weight
-    return tf.cast(tf.transpose(grad_w, (*range(2, d + 2), 1, 0)), kernel.dtype)
-
-
-def _conv_geometry(x, kernel, strides, padding, kernel_dilation, feature_group_count):
-    """The checked options of `conv` as a `_ConvGeometry`, and the padding
-    as it was named ('SAME', 'VALID', 'SAME_LOWER' or pairs)."""
+def _conv_options(x, kernel, strides, padding, kernel_dilation, feature_group_count):
+    """The checked options of `conv`: the padding as named, then per spatial axis the
+    (lo, hi) pads, strides and dilation, then the groups."""
     rank = kernel.shape.rank
     if rank not in (3, 4, 5) or not kernel.shape.is_fully_defined() or 0 in kernel.shape:
         raise ValueError(f"kernel must have a static shape (*window, C/groups, M) with 1 to 3 "
@@ -242,10 +166,9 @@ def _conv_geometry(x, kernel, strides, padding, kernel_dilation, feature_group_c
         raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
     *window, c_g, m = kernel.shape
     if x.shape[-1] != c_g * feature_group_count or m % feature_group_count:
-        raise ValueError(
-            f"x channels ({x.shape[-1]}) must equal kernel input channels ({c_g}) x "
-            f"feature_group_count ({feature_group_count}), and kernel output channels ({m}) "
-            f"must be divisible by it")
+        raise ValueError(f"x channels ({x.shape[-1]}) must equal kernel input channels ({c_g}) "
+                         f"x feature_group_count ({feature_group_count}), and kernel output "
+                         f"channels ({m}) must be divisible by it")
     strides = per_axis(strides, d, "strides")
     dilation = per_axis(kernel_dilation, d, "kernel_dilation")
     padding = conv_padding(padding, d, minimum=0)
@@ -255,9 +178,8 @@ def _conv_geometry(x, kernel, strides, padding, kernel_dilation, feature_group_c
     if min(_tc.conv_output_shape(padded, window, strides, dilation)) < 1:
         # tf.nn.convolution would return an empty output, and Keras refuses it.
         raise ValueError(f"kernel window {tuple(window)} with kernel_dilation {dilation} does "
-                         f"not fit x's spatial shape {size} padded to {padded}: no output "
-                         f"position")
-    return _ConvGeometry(strides, pads, dilation, int(feature_group_count)), padding
+                         f"not fit x's spatial shape {size} padded to {padded}")
+    return padding, pads, strides, dilation, int(feature_group_count)
 
 
 def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
@@ -278,10 +200,9 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
         sync: as for `dense`.
 
     Returns:
-        (N, *out_spatial, M), exactly ``tf.nn.convolution`` plus bias, as Keras computes
-        ConvND (explicit pads: ``tf.pad`` then 'VALID'; grouped convolutions through XLA
-        as Keras runs them). Under a GradientTape the kernel gradient is TrAct's, per
-        group, with b = N x output positions rows (receptive fields).
+        (N, *out_spatial, M), exactly ``tf.nn.convolution`` plus bias as Keras runs ConvND
+        (explicit pads: ``tf.pad`` then 'VALID'; groups through XLA). Under a GradientTape
+        the kernel gradient is TrAct's, per group, with b = N x output positions rows.
 
     Raises:
         ValueError: lam, options or shapes that do not match, or a kernel window that
@@ -289,11 +210,21 @@ def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
     """
     lam = _tc.check_lam(lam)
     x, kernel, bias = _operands(x, kernel, bias)
-    geometry, padding = _conv_geometry(x, kernel, strides, padding, kernel_dilation,
-                                       feature_group_count)
+    padding, pads, *geometry = _conv_options(x, kernel, strides, padding, kernel_dilation,
+                                             feature_group_count)
     check_bias_shape(None if bias is None else bias.shape, kernel.shape[-1])
-    z = _plain_conv(x, tf.stop_gradient(kernel), padding, geometry)
-    if bias is not None:
-        z = z + bias
-    return _with_kernel_grad(
-        z, kernel, lambda grad_z: _conv_kernel_grad(x, grad_z, kernel, lam, geometry, sync))
+    z = _plain_conv(x, tf.stop_gradient(kernel), padding, pads, *geometry)
+    *window, c_g, m = kernel.shape
+    d = len(window)
+    first = (0, d + 1, *range(1, d + 1))  # the core's layout: channels first
+
+    def kernel_grad(grad_z):
+        # Padded after the transpose, where rows are long (padding a channels-last
+        # tensor of 3 channels is slow). Statistics in float64, the result in x's dtype.
+        padded = tf.pad(tf.transpose(x, first), [(0, 0), (0, 0), *pads])
+        grad_w = _tc.conv_weight_grad(padded, tf.transpose(grad_z, first), tuple(window),
+                                      *geometry, lam, replica_sum=_replica_sum(sync), xp=TF)
+        grad_w = tf.reshape(grad_w, (m, c_g, *window))  # (g, M/g, C/g * K) -> torch weight
+        return tf.transpose(grad_w, (*range(2, d + 2), 1, 0))
+
+    return _tract_output(z, bias, kernel, kernel_grad)

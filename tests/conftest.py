@@ -72,12 +72,18 @@ def _jax_xp():
     return importlib.import_module("jax.numpy")
 
 
+def _tensorflow_xp():
+    need("tensorflow")
+    return importlib.import_module("tract_core._tf_namespace").TF
+
+
 def _cupy_xp():
     need("cupy")
     return importlib.import_module("array_api_compat.cupy")
 
 
-XP_FACTORIES = {"numpy": _numpy_xp, "torch": _torch_xp, "jax": _jax_xp, "cupy": _cupy_xp}
+XP_FACTORIES = {"numpy": _numpy_xp, "torch": _torch_xp, "jax": _jax_xp,
+                "tensorflow": _tensorflow_xp, "cupy": _cupy_xp}
 
 
 # Under nox only the session's own libraries; elsewhere whatever is installed.
@@ -86,7 +92,8 @@ XP_NAMES = [name for name in XP_FACTORIES if not REQUIRED or name in REQUIRED]
 
 @pytest.fixture(params=XP_NAMES)
 def xp(request):
-    """An array namespace: numpy, torch (array-api-compat), jax.numpy or cupy."""
+    """An array namespace: numpy, torch (array-api-compat), jax.numpy, TensorFlow's (the
+    adapter's namespace module) or cupy."""
     return XP_FACTORIES[request.param]()
 
 

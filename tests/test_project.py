@@ -9,7 +9,7 @@ FRAMEWORKS = {"torch", "jax", "jaxlib", "flax", "equinox", "tensorflow", "keras"
 # Each module may import these frameworks and these tract_core modules (the house's layers).
 ALLOWED = {
     "_args": (set(), set()),
-    "_backends": ({"torch", "jax"}, set()),  # lazily, only for arrays of that library
+    "_backends": ({"torch", "jax"}, {"_tf_namespace"}),  # lazily, for arrays of that library
     "_patches": (set(), {"_backends"}),
     "_conv_gram": (set(), {"_backends", "_patches"}),
     "_core": (set(), {"_backends", "_patches", "_conv_gram"}),

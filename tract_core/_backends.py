@@ -234,6 +234,16 @@ def _fft_size(length):
         size += 1
 
 
+def namespace(*arrays):
+    """The array namespace of ``arrays``: array-api-compat's, or TensorFlow's (its own
+    small module, which array-api-compat does not know)."""
+    if type(arrays[0]).__module__.startswith("tensorflow"):
+        from ._tf_namespace import TF
+
+        return TF
+    return array_api_compat.array_namespace(*arrays)
+
+
 _BY_NAMESPACE = {}  # a plain memo: torch.compile traces through it without warnings
 
 

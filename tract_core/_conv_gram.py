@@ -23,7 +23,7 @@ import array_api_compat
 import numpy as np
 
 from . import _patches
-from ._backends import backend, correlate_by_fft, statistics_dtype  # noqa: F401
+from ._backends import backend, namespace, statistics_dtype
 
 
 def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
@@ -38,7 +38,7 @@ def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
         (groups, n_g, n_g) in the statistics dtype, n_g = C / groups * prod(kernel_size),
         equal to the Gram of `tract_core.conv_patches`.
     """
-    xp = xp or array_api_compat.array_namespace(x)
+    xp = xp or namespace(x)
     device = array_api_compat.device(x)
     x = xp.astype(x, statistics_dtype(xp, x.dtype, device), copy=False)
     kernel_size, stride, dilation = tuple(kernel_size), tuple(stride), tuple(dilation)

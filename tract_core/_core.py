@@ -26,7 +26,7 @@ import numbers
 import array_api_compat
 
 from . import _conv_gram, _patches
-from ._backends import backend, statistics_dtype
+from ._backends import backend, namespace, statistics_dtype
 
 
 def check_lam(lam) -> float:
@@ -57,7 +57,7 @@ def gram(x, *, xp=None):
     Returns:
         (..., n, n) in `statistics_dtype`.
     """
-    xp = xp or array_api_compat.array_namespace(x)
+    xp = xp or namespace(x)
     (x,) = _in_statistics_dtype(xp, x)
     return _patches.rows_gram(xp, x)
 
@@ -77,7 +77,7 @@ def precondition(grad_w, gram, count, lam, *, xp=None):
         (..., m, n) in grad_w's dtype.
     """
     lam = check_lam(lam)
-    xp = xp or array_api_compat.array_namespace(grad_w, gram)
+    xp = xp or namespace(grad_w, gram)
     gw, gram = _in_statistics_dtype(xp, grad_w, gram)
     _check_lam_fits(xp, lam, gram.dtype)
     if isinstance(count, numbers.Number):
@@ -138,7 +138,7 @@ def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
         (..., m, n) in x's dtype and on its device.
     """
     lam = check_lam(lam)
-    xp = xp or array_api_compat.array_namespace(x, grad_z)
+    xp = xp or namespace(x, grad_z)
     if x.ndim < 2:
         raise ValueError(f"x must have shape (..., b, n), got shape {tuple(x.shape)}")
     if grad_z.ndim != x.ndim or grad_z.shape[:-1] != x.shape[:-1]:
@@ -171,7 +171,7 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     Returns:
         ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g).
     """
-    xp = xp or array_api_compat.array_namespace(x, grad_z)
+    xp = xp or namespace(x, grad_z)
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     found, geometry = backend(xp), (kernel_size, stride, dilation, groups)
     if n_g <= found.few_patch_entries or _patches.disjoint_patches(*geometry[:3]):
@@ -199,7 +199,7 @@ def conv_weight_grad(x, grad_z, kernel_size, stride, dilation, groups=1, lam=0.1
         ``weight.reshape(groups, M/g, n_g)``'s layout.
     """
     lam = check_lam(lam)
-    xp = xp or array_api_compat.array_namespace(x, grad_z)
+    xp = xp or namespace(x, grad_z)
     m, positions = grad_z.shape[1], math.prod(grad_z.shape[2:])
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     rows = backend(xp).batch_size(x) * positions

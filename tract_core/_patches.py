@@ -12,7 +12,7 @@ import math
 
 import array_api_compat
 
-from ._backends import backend, statistics_dtype
+from ._backends import backend, namespace, statistics_dtype
 
 
 def conv_output_shape(spatial, kernel_size, stride, dilation):
@@ -40,7 +40,7 @@ def conv_patches(x, kernel_size, stride, dilation, groups=1, *, xp=None):
         of group g dotted with ``weight[g-th block].reshape(M / groups, -1)`` is the
         output. It may be a transposed view of a contiguous (groups, n_g, N * L) array.
     """
-    xp = xp or array_api_compat.array_namespace(x)
+    xp = xp or namespace(x)
     columns = _image_patches(xp, x, kernel_size, stride, dilation, groups)  # (N, g, n_g, L)
     columns = xp.reshape(xp.permute_dims(columns, (1, 2, 0, 3)), (groups, columns.shape[2], -1))
     return xp.linalg.matrix_transpose(columns)
@@ -95,7 +95,7 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     Returns:
         ``(grad_w, gram)``: (groups, M/g, n_g) and (groups, n_g, n_g), statistics dtype.
     """
-    xp = xp or array_api_compat.array_namespace(x, grad_z)
+    xp = xp or namespace(x, grad_z)
     m = grad_z.shape[1]
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])

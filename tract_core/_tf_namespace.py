@@ -11,7 +11,7 @@ import types
 import tensorflow as tf
 from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext  # internal
 
-from . import _conv_gram, _patches
+from . import _backends, _patches
 
 
 def compiling_with_xla():
@@ -199,7 +199,7 @@ class _TFNamespace:
     @staticmethod
     def correlate(g, y, shifts):
         # FFTs: TF's filter-gradient kernels and XLA's convolutions are slow on such windows.
-        return _conv_gram.correlate_by_fft(TF, g, y, shifts)
+        return _backends.correlate_by_fft(TF, g, y, shifts)
 
     @staticmethod
     def batch_size(x):  # a 0-d int32 tensor where it is known only at run time

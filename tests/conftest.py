@@ -86,7 +86,7 @@ XP_FACTORIES = {"numpy": _numpy_xp, "torch": _torch_xp, "jax": _jax_xp,
                 "tensorflow": _tensorflow_xp, "cupy": _cupy_xp}
 
 
-# Under nox only the session's own libraries; elsewhere whatever is installed.
+# With TRACT_REQUIRE only the libraries it names; without it whatever is installed.
 XP_NAMES = [name for name in XP_FACTORIES if not REQUIRED or name in REQUIRED]
 
 

@@ -3,7 +3,7 @@ independent float64 reference it checks TrAct's weight gradient against, and the
 coverage table of docs/guide/verified.md.
 
 Pure Python and numpy: the generator and the table need no framework, so the table is
-checked in every session. Cases are deterministic given TRACT_FUZZ_SEED (default 0);
+checked in every test environment. Cases are deterministic given TRACT_FUZZ_SEED (default 0);
 TRACT_FUZZ_SCALE (default 1) multiplies the number of random cases, for longer local
 runs. A failing case's pytest id names its geometry; rerun it alone with ``-k``.
 

@@ -12,7 +12,7 @@ mode, and checks:
 (c) a NaN in the input gives a NaN weight gradient, not an exception.
 
 A family runs where its framework is in TRACT_REQUIRE (every installed one without it);
-Keras sessions run the Keras layers on their KERAS_BACKEND. Failing cases print their
+With keras required, the Keras layers run on KERAS_BACKEND. Failing cases print their
 geometry; rerun one with ``-k torch-eager-017``. TRACT_FUZZ_SEED and TRACT_FUZZ_SCALE
 give other and more cases. ``torch.compile`` cases run in a fresh subprocess: compiled
 graphs and caches in a warm process hide failures a user's first step meets.
@@ -39,8 +39,8 @@ MODULES = {"torch": "torch", "jax": "jax", "flax": "flax", "tensorflow": "tensor
 
 
 def _families():
-    """The families this session runs: its own frameworks, Keras alone in a Keras session,
-    Flax alone in the Flax session (its JAX cases are the JAX session's)."""
+    """The families to run: the frameworks named in TRACT_REQUIRE; with keras among them
+    only the Keras layers, with flax only the Flax layers (plain JAX has its own list)."""
     if REQUIRED:
         if "keras" in REQUIRED:
             return ["keras"]

@@ -163,17 +163,16 @@ def _frame(xp, x, plan, geometry):
     """sum_p mask[p, r1] X[p, r1] X[p, r2] over the frame positions p, their patches
     gathered in chunks of positions to bound memory."""
     n_batch, n_cols = x.shape[0], plan.frame_index.shape[1]
-    device = array_api_compat.device(x)
+    device, constant = array_api_compat.device(x), backend(xp).constant
     frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
     flat = xp.reshape(x, (n_batch, math.prod(x.shape[1:])))
     step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
     for lo in range(0, plan.frame_index.shape[0], step):
         chunk = (geometry, lo, step)
-        index = backend(xp).constant((chunk, "frame"),
-                                     plan.frame_index[lo:lo + step].reshape(-1), None, device)
+        index = constant((chunk, "frame"), plan.frame_index[lo:lo + step].reshape(-1), None,
+                         device)
         rows = xp.reshape(xp.take(flat, index, axis=1), (n_batch, -1, n_cols))
-        mask = backend(xp).constant((chunk, "mask"), plan.frame_mask[lo:lo + step], x.dtype,
-                                    device)
+        mask = constant((chunk, "mask"), plan.frame_mask[lo:lo + step], x.dtype, device)
         frame = frame + xp.matmul(xp.linalg.matrix_transpose(
             xp.reshape(rows * mask, (-1, n_cols))), xp.reshape(rows, (-1, n_cols)))
     return frame

@@ -37,4 +37,4 @@ __all__ = [
     "uses_push_through",
     "weight_grad",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place; pyproject.toml and the wheel read it here

@@ -17,8 +17,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import Any, TypeAlias
 
 import array_api_compat
+
+# Type hints: TrAct's arrays are those of any array-API library (numpy, torch, JAX, CuPy)
+# or TensorFlow tensors, and their namespaces are modules or namespace objects.
+Array: TypeAlias = Any
+Namespace: TypeAlias = Any
 
 
 class _Generic:
@@ -165,7 +171,7 @@ class _Jax(_Generic):
         return correlate_by_fft(self.xp, g, y, shifts)
 
 
-def statistics_dtype(xp, dtype, device=None, name="x"):
+def statistics_dtype(xp: Namespace, dtype: Any, device: Any = None, name: str = "x") -> Any:
     """The dtype TrAct's products and solve run in: float64 wherever the array library
     has it on ``device``, else float32 (float64 input stays float64).
 

@@ -18,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Sequence
 
 import array_api_compat
 import numpy as np
 
 from . import _patches
-from ._backends import backend, namespace, statistics_dtype
+from ._backends import Array, Namespace, backend, namespace, statistics_dtype
 
 
-def conv_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
+def conv_gram(x: Array, kernel_size: Sequence[int], stride: Sequence[int],
+              dilation: Sequence[int], groups: int = 1, *,
+              xp: Namespace | None = None) -> Array:
     """Gram ``X^T X`` of a convolution's patches, one per group.
 
     Args:

@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import array_api_compat
 
 from . import _conv_gram, _patches
-from ._backends import backend, namespace, statistics_dtype
+from ._backends import Array, Namespace, backend, namespace, statistics_dtype
+
+# replica_sum(gram, count) -> (gram, count), each summed over the data-parallel replicas.
+ReplicaSum = Callable[[Array, Any], tuple[Array, Any]]
 
 
-def check_lam(lam) -> float:
+def check_lam(lam: float) -> float:
     """``lam`` as a float; ValueError unless it is a finite real number > 0."""
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise ValueError(f"lam must be a finite real number > 0, got {lam!r}")
@@ -48,7 +53,7 @@ def _in_statistics_dtype(xp, *arrays):
     return [xp.astype(a, dtype, copy=False) for a in arrays]
 
 
-def gram(x, *, xp=None):
+def gram(x: Array, *, xp: Namespace | None = None) -> Array:
     """Gram matrix of the rows, ``X^T X``.
 
     Args:
@@ -62,7 +67,8 @@ def gram(x, *, xp=None):
     return _patches.rows_gram(xp, x)
 
 
-def precondition(grad_w, gram, count, lam, *, xp=None):
+def precondition(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
+                 xp: Namespace | None = None) -> Array:
     """Turn a plain weight gradient into TrAct's: ``grad_w (gram / count + lam I)^-1``.
 
     Args:
@@ -105,7 +111,7 @@ def _push_through(xp, x, grad_z, lam):
     return xp.matmul(_mT(xp, coef), x)
 
 
-def uses_push_through(rows, n, replica_sum=None) -> bool:
+def uses_push_through(rows: int | Array, n: int, replica_sum: ReplicaSum | None = None) -> bool:
     """The one rule for the form: the b x b system when this replica has fewer rows b
     than columns n (b known now) and nothing is summed over replicas (that would need
     every replica's rows); else the n x n system."""
@@ -124,7 +130,8 @@ def _tract(xp, rows, n, lam, moments, rows_and_grads, replica_sum):
     return precondition(plain, gram_, rows, lam, xp=xp)
 
 
-def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
+def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
+                replica_sum: ReplicaSum | None = None, xp: Namespace | None = None) -> Array:
     """TrAct's weight gradient ``G^T X (X^T X / b + lam I)^-1`` (torch layout).
 
     Args:
@@ -157,7 +164,9 @@ def weight_grad(x, grad_z, lam=0.1, *, replica_sum=None, xp=None):
     return xp.astype(out, x.dtype, copy=False)
 
 
-def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
+def conv_moments(x: Array, grad_z: Array, kernel_size: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int], groups: int = 1, *,
+                 xp: Namespace | None = None) -> tuple[Array, Array]:
     """A convolution's ``G^T X`` and ``X^T X``, per group, in `statistics_dtype`.
 
     Explicit patches where they have few entries (stems) or do not overlap (ViT);
@@ -184,8 +193,10 @@ def conv_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None)
     return xp.reshape(plain, (groups, -1, n_g)), gram_
 
 
-def conv_weight_grad(x, grad_z, kernel_size, stride, dilation, groups=1, lam=0.1, *,
-                     replica_sum=None, xp=None):
+def conv_weight_grad(x: Array, grad_z: Array, kernel_size: Sequence[int],
+                     stride: Sequence[int], dilation: Sequence[int], groups: int = 1,
+                     lam: float = 0.1, *, replica_sum: ReplicaSum | None = None,
+                     xp: Namespace | None = None) -> Array:
     """TrAct's weight gradient of a convolution, per group (torch layout).
 
     Args:

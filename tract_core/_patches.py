@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import array_api_compat
 
-from ._backends import backend, namespace, statistics_dtype
+from ._backends import Array, Namespace, backend, namespace, statistics_dtype
 
 
-def conv_output_shape(spatial, kernel_size, stride, dilation):
+def conv_output_shape(spatial: Sequence[int], kernel_size: Sequence[int],
+                      stride: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
     """Output positions per spatial axis of an unpadded ('VALID') convolution."""
     return tuple((s - d * (k - 1) - 1) // st + 1
                  for s, k, st, d in zip(spatial, kernel_size, stride, dilation))
 
 
-def disjoint_patches(kernel_size, stride, dilation) -> bool:
+def disjoint_patches(kernel_size: Sequence[int], stride: Sequence[int],
+                     dilation: Sequence[int]) -> bool:
     """True when no two receptive fields share an input element (ViT patch embeddings)."""
     return all(k <= st and (k == 1 or d == 1) for k, st, d in zip(kernel_size, stride, dilation))
 
 
-def conv_patches(x, kernel_size, stride, dilation, groups=1, *, xp=None):
+def conv_patches(x: Array, kernel_size: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int], groups: int = 1, *,
+                 xp: Namespace | None = None) -> Array:
     """Rows X of a convolution: every receptive field, one row each, per group.
 
     Args:

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Sequence
+from typing import Any
 
-import flax.linen as nn
-from flax import nnx
-from jax import lax
+from tract_core._requires import requires
+
+with requires("flax", "Flax and JAX", "flax", "jax"):
+    import flax.linen as nn
+    from flax import nnx
+    from jax import lax
 
 import tract_core as _tc
 from tract_core import jax as _tj
@@ -66,7 +71,8 @@ class TrActLinear(nnx.Linear):
     """``nnx.Linear`` with TrAct's kernel gradient. x: (..., in_features). Takes its
     arguments (but ``dot_general``) and ``lam``, a finite float > 0 (paper: 0.1)."""
 
-    def __init__(self, in_features, out_features, *, lam=0.1, **kwargs):
+    def __init__(self, in_features: int, out_features: int, *, lam: float = 0.1,
+                 **kwargs: Any) -> None:
         super().__init__(in_features, out_features,
                          dot_general=_TrActDotGeneral(_tc.check_lam(lam)), **kwargs)
 
@@ -77,8 +83,9 @@ class TrActConv(nnx.Conv):
     """``nnx.Conv`` with TrAct's kernel gradient, one Gram per feature group. Takes its
     arguments (but ``conv_general_dilated``; ``input_dilation`` 1) and ``lam``."""
 
-    def __init__(self, in_features, out_features, kernel_size, strides=1, *, lam=0.1,
-                 **kwargs):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+                 strides: int | Sequence[int] = 1, *, lam: float = 0.1,
+                 **kwargs: Any) -> None:
         super().__init__(in_features, out_features, kernel_size, strides,
                          conv_general_dilated=_TrActConvGeneralDilated(_tc.check_lam(lam)),
                          **kwargs)
@@ -86,7 +93,7 @@ class TrActConv(nnx.Conv):
     lam = property(lambda self: self.conv_general_dilated.lam)
 
 
-def wrap(module, lam=0.1):
+def wrap(module: nnx.Linear | nnx.Conv, lam: float = 0.1) -> TrActLinear | TrActConv:
     """TrAct twin of an ``nnx.Linear`` or ``nnx.Conv``, sharing its parameters.
 
     Args:

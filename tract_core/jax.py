@@ -18,10 +18,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Hashable, Sequence
 
-import jax
-import jax.numpy as jnp
-from jax import lax
+from tract_core._requires import requires
+
+with requires("jax", "JAX"):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
 
 import tract_core as _tc
 from tract_core import _args
@@ -165,7 +169,9 @@ def _call(x, kernel, bias, lam, precision, axis_name, *conv_options):
     return _tract_op(layer)(*varying_alike(x, kernel, bias))
 
 
-def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
+def dense(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
+          bias: jax.typing.ArrayLike | None = None, *, lam: float = 0.1,
+          precision: lax.PrecisionLike = None, axis_name: Hashable | None = None) -> jax.Array:
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
@@ -189,8 +195,12 @@ def dense(x, kernel, bias=None, *, lam=0.1, precision=None, axis_name=None):
     return _call(x, kernel, bias, lam, precision, axis_name)
 
 
-def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
-         feature_group_count=1, lam=0.1, precision=None, axis_name=None):
+def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
+         bias: jax.typing.ArrayLike | None = None, *, strides: int | Sequence[int] = 1,
+         padding: str | int | Sequence[int | tuple[int, int]] = "VALID",
+         kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+         lam: float = 0.1, precision: lax.PrecisionLike = None,
+         axis_name: Hashable | None = None) -> jax.Array:
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:

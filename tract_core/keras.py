@@ -15,9 +15,14 @@ restores the layers (registered as ``tract_core>TrActDense`` etc.), ``lam`` incl
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from typing import Any
 
-import keras
-from keras import ops
+from tract_core._requires import requires
+
+with requires("keras", "Keras 3"):
+    import keras
+    from keras import ops
 
 import tract_core as _tc
 from tract_core._args import resolve_pads
@@ -88,12 +93,13 @@ class TrActDense(_TrAct, keras.layers.Dense):
     Input (..., n), output (..., m); every leading position is one row of the Gram.
     """
 
-    def __init__(self, units, lam=0.1, sync=False, **kwargs):
+    def __init__(self, units: int, lam: float = 0.1, sync: bool = False,
+                 **kwargs: Any) -> None:
         lam = _tc.check_lam(lam)  # before building anything
         super().__init__(units, **kwargs)
         self.lam, self.sync = lam, bool(sync)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         # keras.layers.Dense.call, with the matmul swapped for the adapter's.
         kernel = ops.convert_to_tensor(self.kernel)
         if _non_float_inputs(self, inputs):  # as ops.matmul: both to the result type
@@ -108,12 +114,13 @@ class TrActDense(_TrAct, keras.layers.Dense):
 
 
 class _TrActConv(_TrAct):
-    def __init__(self, filters, kernel_size, lam=0.1, sync=False, **kwargs):
+    def __init__(self, filters: int, kernel_size: int | Sequence[int], lam: float = 0.1,
+                 sync: bool = False, **kwargs: Any) -> None:
         lam = _tc.check_lam(lam)
         super().__init__(filters, kernel_size, **kwargs)
         self.lam, self.sync = lam, bool(sync)
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         # keras.layers.ConvND.call, with ops.conv swapped for the adapter's.
         kernel = ops.convert_to_tensor(self.kernel)
         if _non_float_inputs(self, inputs):  # as Keras's JAX conv: to the kernel's dtype
@@ -178,7 +185,7 @@ _PLAIN_TO_TRACT = {keras.layers.Dense: TrActDense, keras.layers.Conv1D: TrActCon
                    keras.layers.Conv2D: TrActConv2D, keras.layers.Conv3D: TrActConv3D}
 
 
-def wrap(layer, lam=0.1):
+def wrap(layer: keras.layers.Layer, lam: float = 0.1) -> keras.layers.Layer:
     """TrAct twin of a Keras ``Dense``/``Conv1D``/``Conv2D``/``Conv3D`` layer.
 
     Args:

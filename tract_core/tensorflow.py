@@ -17,8 +17,12 @@ kernel gradient solves the n x n system.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
-import tensorflow as tf
+from tract_core._requires import requires
+
+with requires("tensorflow", "TensorFlow"):
+    import tensorflow as tf
 
 import tract_core as _tc
 from tract_core._args import check_bias_shape, conv_padding, is_int, per_axis, resolve_pads
@@ -72,7 +76,9 @@ def _operands(x, kernel, bias):
     return operand(x, "x"), kernel, None if bias is None else operand(bias, "bias")
 
 
-def dense(x, kernel, bias=None, *, lam=0.1, sync=False):
+def dense(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
+          bias: tf.types.experimental.TensorLike | None = None, *, lam: float = 0.1,
+          sync: bool = False) -> tf.Tensor:
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
@@ -182,8 +188,12 @@ def _conv_options(x, kernel, strides, padding, kernel_dilation, feature_group_co
     return padding, pads, strides, dilation, int(feature_group_count)
 
 
-def conv(x, kernel, bias=None, *, strides=1, padding="VALID", kernel_dilation=1,
-         feature_group_count=1, lam=0.1, sync=False):
+def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
+         bias: tf.types.experimental.TensorLike | None = None, *,
+         strides: int | Sequence[int] = 1,
+         padding: str | int | Sequence[int | tuple[int, int]] = "VALID",
+         kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+         lam: float = 0.1, sync: bool = False) -> tf.Tensor:
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:

@@ -12,10 +12,14 @@ from __future__ import annotations
 import copy
 import functools
 import typing
+from collections.abc import Sequence
 
-import array_api_compat.torch as _xp
-import torch
-from torch import nn
+from tract_core._requires import requires
+
+with requires("torch", "PyTorch"):
+    import array_api_compat.torch as _xp
+    import torch
+    from torch import nn
 
 import tract_core as _tc
 from tract_core import _args
@@ -131,7 +135,9 @@ def _apply(x, weight, bias, spec):
     return _TrActGrads.apply(z, weight, x, spec)
 
 
-def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           lam: float = 0.1, sync: bool = False,
+           process_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """``F.linear`` with TrAct's weight gradient.
 
     Args:
@@ -147,8 +153,11 @@ def linear(x, weight, bias=None, *, lam=0.1, sync=False, process_group=None):
     return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), group))
 
 
-def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-         padding_mode="zeros", lam=0.1, sync=False, process_group=None):
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         stride: int | Sequence[int] = 1, padding: str | int | Sequence[int] = 0,
+         dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros",
+         lam: float = 0.1, sync: bool = False,
+         process_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """``F.conv{1,2,3}d`` (with nn.ConvNd's padding modes) and TrAct's weight gradient.
 
     Args:
@@ -232,7 +241,8 @@ def _rebuild(module, cls, drop=()):
     return twin
 
 
-def wrap(layer: nn.Module, lam: float = 0.1, sync: bool = False, process_group=None) -> nn.Module:
+def wrap(layer: nn.Module, lam: float = 0.1, sync: bool = False,
+         process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:
     """TrAct twin of ``layer``: same Parameters, state_dict keys and forward.
 
     Args:

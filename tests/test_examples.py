@@ -28,7 +28,7 @@ need("tqdm")
 tt = pytest.importorskip("tract_core.torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
-from tract_compare import cli, config, data, loop, models, results, train  # noqa: E402
+from tract_compare import cli, config, data, loop, models, results, speedup, train  # noqa: E402
 
 
 def write_idx(path, array):
@@ -59,7 +59,7 @@ def write_cifar_batch(path, images, labels, label_key):
 
 def test_fashion_mnist_reads_idx_gz_files(tmp_path):
     train_labels, test_labels = fake_fashion_mnist(tmp_path, n_train=6, n_test=4)
-    dataset = data.load_fashion_mnist(tmp_path)
+    dataset = data.load_dataset("fashion-mnist", tmp_path)
     assert dataset.x_train.shape == (6, 1, 28, 28) and dataset.x_test.shape == (4, 1, 28, 28)
     assert dataset.x_train.dtype == np.float32 and dataset.classes == 10
     assert dataset.y_train.dtype == np.int64
@@ -68,6 +68,30 @@ def test_fashion_mnist_reads_idx_gz_files(tmp_path):
     # Standardized with the training set's statistics.
     assert abs(dataset.x_train.mean()) < 1e-4
     assert abs(dataset.x_train.std() - 1) < 1e-3
+
+
+def test_inputs_unstandardized_and_padded(tmp_path):
+    fake_fashion_mnist(tmp_path, n_train=6, n_test=4)
+    pixels = data.read_idx(tmp_path / "train-images-idx3-ubyte.gz").astype(np.float32)
+    raw = data.load_dataset("fashion-mnist", tmp_path, inputs="0-255")
+    np.testing.assert_array_equal(raw.x_train[:, 0], pixels)
+    unit = data.load_dataset("fashion-mnist", tmp_path, inputs="0-1")
+    np.testing.assert_allclose(unit.x_train[:, 0], pixels / 255, rtol=1e-6)
+    digits = data.load_dataset("digits", inputs="0-255")  # 0..16 pixels, scaled to 0..255
+    assert digits.x_train.min() == 0 and digits.x_train.max() == 255
+    padded = data.load_dataset("fashion-mnist", tmp_path, inputs="0-255", pad_to=32)
+    assert padded.x_train.shape == (6, 1, 32, 32) and padded.x_test.shape == (4, 1, 32, 32)
+    np.testing.assert_array_equal(padded.x_train[:, 0, 2:30, 2:30], pixels)
+    assert not padded.x_train[:, :, :2].any() and not padded.x_train[..., 30:].any()
+    # Standardized after padding: the border is a black pixel's standardized value.
+    standard = data.load_dataset("fashion-mnist", tmp_path, pad_to=32)
+    framed = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))
+    black = -framed.mean() / framed.std()
+    np.testing.assert_allclose(standard.x_train[:, 0, 0], black, rtol=1e-5)
+    with pytest.raises(ValueError, match="pad_to"):
+        data.load_dataset("fashion-mnist", tmp_path, pad_to=20)
+    with pytest.raises(ValueError, match="inputs"):
+        data.load_dataset("fashion-mnist", tmp_path, inputs="0-65535")
 
 
 @pytest.mark.parametrize("name, files, label_key, classes", [
@@ -109,6 +133,12 @@ def test_missing_data_names_the_folder_and_the_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--dataset", "cifar100", "--data-dir", str(tmp_path)])
     assert "train, test" in str(stop.value) and str(tmp_path) in str(stop.value)
+
+
+def test_resnet_width_scales_its_channels():
+    model = models.build_model("resnet18", 1, 32, classes=10, width=16)
+    assert model.stem.out_channels == 16 and model.head.in_features == 128
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name, channels, side", [
@@ -190,7 +220,7 @@ def test_tiny_comparison_writes_table_and_plot(tmp_path):
             assert [r["seed"] for r in c.runs[method]] == [0, 1]
             assert len(c.runs[method][0]["history"]) == c.epochs
     report = (out / "results.md").read_text()
-    assert "| epochs | lr | vanilla (%) | TrAct (%)" in report and "accuracy.png" in report
+    assert "| epochs | lr | lam | vanilla (%) | TrAct (%)" in report and "accuracy.png" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "runs.jsonl").read_text().splitlines()) == 8
 
@@ -214,8 +244,126 @@ def test_train_digits_is_compare_with_digits_defaults():
     import train_digits
 
     args = cli.parse_args(["--seeds", "1"], train_digits.DIGITS_DEFAULTS)
-    assert (args.dataset, args.epochs, args.seeds, args.batch_size) == ("digits", [3], 1, 64)
+    assert (args.dataset, args.epochs, args.seeds, args.batch_size) == ("digits", [1, 2, 4],
+                                                                         1, 64)
+    assert args.baseline_epochs == [8]
     assert train_digits.main is cli.main
+
+
+# --------------------------------------------------------------------------- speed-up
+
+
+def test_vanilla_epochs_are_interpolated_in_log_epochs():
+    budgets, accuracies = [1, 2, 4, 8], [80.0, 85.0, 88.0, 90.0]
+    assert speedup.vanilla_epochs_to_reach(budgets, accuracies, 86.5) == pytest.approx(
+        2 ** 1.5, rel=1e-12)  # halfway from 85 to 88: halfway from 2 to 4 in log2
+    assert speedup.vanilla_epochs_to_reach(budgets, accuracies, 88.0) == 4
+    assert speedup.vanilla_epochs_to_reach(budgets, accuracies, 79.0) == 1  # a bound
+    assert speedup.vanilla_epochs_to_reach(budgets, accuracies, 90.5) == float("inf")
+    # Not monotone: the first budget that gets there counts.
+    assert speedup.vanilla_epochs_to_reach([1, 2, 4, 8], [80, 86, 84, 90], 85) == (
+        pytest.approx(2 ** (5 / 6), rel=1e-12))
+    with pytest.raises(ValueError, match="increase"):
+        speedup.vanilla_epochs_to_reach([2, 1], [1, 2], 1.5)
+
+
+def test_speed_up_factor_its_bounds_and_its_bootstrap_interval():
+    # Vanilla gains 4 points per doubling; TrAct at E is vanilla at 2E, seed by seed:
+    # the factor is exactly 2 for every resample, in epochs.
+    offsets = [0.3, -0.2, 0.5, -0.4, 0.1]
+    vanilla = {e: [80 + 4 * np.log2(e) + o for o in offsets] for e in (1, 2, 4, 8, 16)}
+    tract = {e: [80 + 4 * np.log2(2 * e) + o for o in offsets] for e in (1, 2, 4)}
+    rows = speedup.speed_ups(vanilla, tract, time_ratios=[1.2, 1.25, 1.3, 1.25, 1.2])
+    assert [s.epochs for s in rows] == [1, 2, 4]
+    for s in rows:
+        assert s.factor == pytest.approx(2, rel=1e-12) and s.bound == ""
+        assert s.interval == pytest.approx((2, 2), rel=1e-12)
+        assert s.time_ratio == 1.25 and s.time_factor == pytest.approx(1.6, rel=1e-12)
+        low, high = s.time_interval  # 2 over the median of resampled rounds
+        assert 2 / 1.3 - 1e-12 <= low <= 1.6 <= high <= 2 / 1.2 + 1e-12
+    # Noise in TrAct's seeds widens the interval around the point estimate.
+    noisy = {e: [v + d for v, d in zip(runs, [1.0, -1.0, 0.6, -0.2, -0.4])]
+             for e, runs in tract.items()}
+    for s in speedup.speed_ups(vanilla, noisy):
+        assert s.interval[0] < s.factor < s.interval[1] and s.time_factor is None
+    # Vanilla never reaches TrAct's 8-epoch accuracy: a lower bound, an open interval.
+    beyond = speedup.speed_ups(vanilla, {8: [97.0 + o for o in offsets]})[0]
+    assert beyond.bound == ">" and beyond.interval[1] == float("inf")
+    text = speedup.factor_text(beyond)
+    assert text.startswith("> 2.00x") and text.endswith("∞]")
+    below = speedup.speed_ups(vanilla, {2: [70.0] * 5})[0]
+    assert below.bound == "<=" and speedup.factor_text(below).startswith("<= 0.50x")
+    with pytest.raises(ValueError, match="same seeds"):
+        speedup.speed_ups(vanilla, {1: [80.0, 81.0]})
+
+
+def test_the_bootstrap_keeps_a_seeds_runs_together():
+    # Seed 1 is good for both methods at every budget: resampled together, the factor
+    # stays 2 (TrAct at 1 epoch = vanilla at 2, seed by seed); resampled apart, it would not.
+    vanilla = {1: [80.0, 90.0], 2: [84.0, 94.0], 4: [88.0, 98.0]}
+    tract = {1: [84.0, 94.0]}
+    (row,) = speedup.speed_ups(vanilla, tract)
+    assert row.factor == pytest.approx(2, rel=1e-12)
+    assert row.interval == pytest.approx((2, 2), rel=1e-12)
+
+
+def test_paired_step_timing_alternates_and_pairs_rounds(monkeypatch):
+    clock, calls = [0.0], []
+
+    def fake_step(method, cost):
+        def step(idx):
+            assert len(idx) == 8
+            calls.append(method)
+            clock[0] += cost
+        return step
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    timing = loop.paired_step_seconds({"vanilla": fake_step("vanilla", 1.0),
+                                       "tract": fake_step("tract", 1.5)}, count=100,
+                                      batch_size=8, rounds=4, steps=3)
+    assert timing["vanilla"] == 1.0 and timing["tract"] == 1.5
+    assert timing["ratios"] == [1.5] * 4
+    timed = calls[4:]  # after two warm-up steps each
+    assert timed == (["vanilla"] * 3 + ["tract"] * 3 + ["tract"] * 3 + ["vanilla"] * 3) * 2
+
+
+def test_budget_sweep_reports_the_factor_and_ends_with_its_line(tmp_path, capsys):
+    comparisons = cli.main([*TINY, "--epochs", "1", "2", "--baseline-epochs", "4",
+                            "--lam", "0.1", "0.5", "--timing-rounds", "2",
+                            "--out", str(tmp_path)])
+    assert [(c.epochs, c.lam) for c in comparisons] == [
+        (1, 0.1), (1, 0.5), (2, 0.1), (2, 0.5), (4, None)]
+    assert comparisons[-1].runs["tract"] == [] and len(comparisons[-1].runs["vanilla"]) == 2
+    assert comparisons[0].runs["vanilla"] is comparisons[1].runs["vanilla"]
+    report = (tmp_path / "results.md").read_text()
+    assert "| 4 | 0.05 | — |" in report  # vanilla alone at 4 epochs
+    assert "speed-up in epochs [95% CI] | speed-up in time [95% CI] |" in report
+    assert "| 0.5 | 2 |" in report and "--baseline-epochs 4" in report
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    (entry,) = timing.values()
+    assert len(entry["ratios"]) == 2 and entry["vanilla"] > 0 and entry["tract"] > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    # The factor at the largest budget, recomputed from the runs.
+    vanilla = {c.epochs: [r["test_acc"] for r in c.runs["vanilla"]]
+               for c in comparisons if c.lam in (None, 0.1)}
+    tract = {c.epochs: [r["test_acc"] for r in c.runs["tract"]]
+             for c in comparisons if c.lam == 0.1}
+    expected = speedup.speed_ups(vanilla, tract, entry["ratios"])[-1]
+    assert last == speedup.summary_line(expected)
+    assert last.startswith("TrAct speed-up at 2 epochs: ") and "in time" in last
+    # A resumed run reuses the timing: the line is the same.
+    cli.main([*TINY, "--epochs", "1", "2", "--baseline-epochs", "4", "--lam", "0.1",
+              "0.5", "--timing-rounds", "2", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+
+
+def test_command_line_rejects_bad_budgets_and_options(capsys):
+    for argv in (["--epochs", "0"], ["--baseline-epochs", "-1"], ["--lam", "0"],
+                 ["--width", "16"], ["--model", "resnet18", "--framework", "jax",
+                                     "--width", "16"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+    assert "--width applies to the torch ResNet-18" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- all frameworks

@@ -38,6 +38,9 @@ class RunConfig:
     train_limit: int | None = None  # first N training examples only (smoke runs)
     test_limit: int | None = None
     framework: str = "torch"  # torch, jax (Flax NNX + optax) or keras-BACKEND (Keras 3)
+    inputs: str = "standardized"  # or "0-1", "0-255": pixel scaling (see data.scale_inputs)
+    pad_to: int | None = None  # images zero-padded to pad_to x pad_to (e.g. 28 -> 32)
+    width: int = 64  # the ResNet's stem channels (torch's ResNet only)
 
 
 KEY_DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunConfig)

@@ -1,9 +1,11 @@
 """Image classification data from local files only: nothing is ever downloaded.
 
-Every loader returns a :class:`Dataset` of float32 images (N, C, H, W), standardized per
-channel with the training set's mean and std (the paper's convention; TrAct's lambda is
-tuned for standardized inputs), and int64 labels, as numpy arrays: each trainer converts
-them to its framework's tensors (torch without a copy; JAX and Keras channels-last).
+Every loader returns a :class:`Dataset` of float32 images (N, C, H, W) in pixel units and
+int64 labels, as numpy arrays; :func:`load_dataset` then pads them if asked and scales
+them: by default standardized per channel with the training set's mean and std (the
+paper's convention; TrAct's lambda is tuned for standardized inputs), or in [0, 1] or
+[0, 255] for the paper's no-standardization ablation. Each trainer converts the arrays to
+its framework's tensors (torch without a copy; JAX and Keras channels-last).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: int
+    pixel_max: float = 255.0  # the brightest pixel value of the format (digits: 16)
 
     @property
     def channels(self) -> int:
@@ -51,20 +54,47 @@ class Dataset:
         return self.x_train.shape[-1]
 
 
-def _standardized(name, train_images, train_labels, test_images, test_labels, classes):
-    """Dataset from uint8/float (N, C, H, W) arrays, standardized with train statistics."""
-    train = train_images.astype(np.float32)
-    test = test_images.astype(np.float32)
-    mean = train.mean(axis=(0, 2, 3), keepdims=True)
-    std = train.std(axis=(0, 2, 3), keepdims=True)
-    return Dataset(
-        name=name,
-        x_train=(train - mean) / std,
-        y_train=np.asarray(train_labels, dtype=np.int64),
-        x_test=(test - mean) / std,
-        y_test=np.asarray(test_labels, dtype=np.int64),
-        classes=classes,
-    )
+def _raw(name, train_images, train_labels, test_images, test_labels, classes,
+         pixel_max=255.0):
+    """Dataset from uint8/float (N, C, H, W) arrays, kept in pixel units."""
+    return Dataset(name=name, x_train=train_images.astype(np.float32),
+                   y_train=np.asarray(train_labels, dtype=np.int64),
+                   x_test=test_images.astype(np.float32),
+                   y_test=np.asarray(test_labels, dtype=np.int64), classes=classes,
+                   pixel_max=pixel_max)
+
+
+INPUTS = ("standardized", "0-1", "0-255")
+
+
+def scale_inputs(data: Dataset, inputs="standardized") -> Dataset:
+    """``data`` (pixel units) scaled in place as ``inputs`` says; returns it.
+
+    "standardized": per channel, with the training set's mean and std. "0-1" and "0-255":
+    pixel values mapped linearly from [0, pixel_max] (the paper's ablation, Fig. 8).
+    """
+    if inputs == "standardized":
+        mean = data.x_train.mean(axis=(0, 2, 3), keepdims=True)
+        std = data.x_train.std(axis=(0, 2, 3), keepdims=True)
+        data.x_train, data.x_test = (data.x_train - mean) / std, (data.x_test - mean) / std
+    elif inputs in ("0-1", "0-255"):
+        scale = np.float32((1.0 if inputs == "0-1" else 255.0) / data.pixel_max)
+        data.x_train, data.x_test = data.x_train * scale, data.x_test * scale
+    else:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+    return data
+
+
+def pad_images(data: Dataset, size: int) -> Dataset:
+    """``data``'s images zero-padded (black, in pixel units) to size x size, centred."""
+    height, width = data.x_train.shape[-2:]
+    if size < max(height, width):
+        raise ValueError(f"pad_to must be at least the image size {height}x{width}, "
+                         f"got {size}")
+    top, left = (size - height) // 2, (size - width) // 2
+    pads = ((0, 0), (0, 0), (top, size - height - top), (left, size - width - left))
+    data.x_train, data.x_test = np.pad(data.x_train, pads), np.pad(data.x_test, pads)
+    return data
 
 
 def _require_files(dataset, folder, names, hint):
@@ -87,8 +117,8 @@ def load_digits(seed=0) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(images))
     cut = int(0.8 * len(order))
     train, test = order[:cut], order[cut:]
-    return _standardized("digits", images[train], digits.target[train],
-                         images[test], digits.target[test], classes=10)
+    return _raw("digits", images[train], digits.target[train], images[test],
+                digits.target[test], classes=10, pixel_max=16.0)
 
 
 def read_idx(path) -> np.ndarray:
@@ -114,8 +144,8 @@ def load_fashion_mnist(folder=FASHION_MNIST_DIR) -> Dataset:
         "Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or pass "
         "--data-dir to a folder holding them.")
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
-    return _standardized("fashion-mnist", train_images[:, None], train_labels,
-                         test_images[:, None], test_labels, classes=10)
+    return _raw("fashion-mnist", train_images[:, None], train_labels, test_images[:, None],
+                test_labels, classes=10)
 
 
 def _read_cifar_batch(path, label_key):
@@ -141,8 +171,8 @@ def _load_cifar(name, folder, files, label_key, classes):
         "and pass that folder with --data-dir.")
     batches = [_read_cifar_batch(p, label_key) for p in paths]
     train, test = batches[:-1], batches[-1]
-    return _standardized(name, np.concatenate([b[0] for b in train]),
-                         np.concatenate([b[1] for b in train]), test[0], test[1], classes)
+    return _raw(name, np.concatenate([b[0] for b in train]),
+                np.concatenate([b[1] for b in train]), test[0], test[1], classes)
 
 
 def load_cifar10(folder) -> Dataset:
@@ -163,15 +193,21 @@ DATASETS = {
 }
 
 
-def load_dataset(name, folder=None, train_limit=None, test_limit=None) -> Dataset:
+def load_dataset(name, folder=None, train_limit=None, test_limit=None,
+                 inputs="standardized", pad_to=None) -> Dataset:
     """The data set ``name`` (a key of DATASETS) from ``folder`` (None: its default).
 
-    ``train_limit``/``test_limit`` keep only the first examples, for quick smoke runs;
-    the standardization statistics still come from the whole training set.
+    ``pad_to``: zero-pad the images to pad_to x pad_to pixels (e.g. 28 -> 32 for a CIFAR
+    model). ``inputs``: how pixels are scaled, see :func:`scale_inputs`. The statistics
+    come from the whole (padded) training set; ``train_limit``/``test_limit`` then keep
+    only the first examples.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
     data = DATASETS[name](folder)
+    if pad_to is not None:
+        pad_images(data, pad_to)
+    scale_inputs(data, inputs)
     data.x_train, data.y_train = data.x_train[:train_limit], data.y_train[:train_limit]
     data.x_test, data.y_test = data.x_test[:test_limit], data.y_test[:test_limit]
     return data

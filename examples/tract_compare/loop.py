@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -117,3 +118,36 @@ def run_epochs(config, method: str, seed: int, data, train_step, predict, progre
             train_loss.append(sum(losses) / len(losses))
             history.append(accuracy(predict, x_test, data.y_test))
     return history, train_loss
+
+
+def paired_step_seconds(steppers: dict, count: int, batch_size: int, rounds: int = 10,
+                        steps: int = 4, seed: int = 0) -> dict:
+    """Seconds per training step of each method, timed side by side in this process.
+
+    Args:
+        steppers: {"vanilla": step, "tract": step}; ``step(idx)`` runs one optimizer step
+            on the training images ``idx`` (an index array) and returns once it is done.
+        count: training images. batch_size: images per step.
+        rounds: timed rounds; each times ``steps`` steps of every method, the order
+            alternating between rounds (the machine's drift hits both alike).
+        seed: the batches' random seed.
+
+    Returns:
+        {method: median seconds per step over rounds, "ratios": TrAct / vanilla per round}.
+    """
+    rng = np.random.default_rng(seed)
+    batches = [rng.permutation(count)[:batch_size] for _ in range(steps)]
+    for step in steppers.values():  # compile, warm caches and allocators
+        for idx in batches[:2]:
+            step(idx)
+    methods = list(steppers)
+    seconds = {method: [] for method in methods}
+    for round_ in range(rounds):
+        for method in methods if round_ % 2 == 0 else methods[::-1]:
+            start = time.perf_counter()
+            for idx in batches:
+                steppers[method](idx)
+            seconds[method].append((time.perf_counter() - start) / steps)
+    result = {method: float(np.median(values)) for method, values in seconds.items()}
+    result["ratios"] = [t / v for t, v in zip(seconds["tract"], seconds["vanilla"])]
+    return result

@@ -59,21 +59,24 @@ class ResNet18(nn.Module):
     """The CIFAR ResNet-18: a 3x3 stride-1 stem (no max-pool), stages of 64..512 channels.
 
     Works for any image size: the stages halve it three times, then global average pooling.
+    ``width``: the stem's channels (64; each stage doubles it), e.g. 16 for a model with
+    1/16 of the flops.
     """
 
     first_layer = "stem"
 
-    def __init__(self, in_channels=3, image_size=32, classes=10):
+    def __init__(self, in_channels=3, image_size=32, classes=10, width=64):
         super().__init__()
         del image_size  # global pooling makes the head size-independent
-        self.stem = nn.Conv2d(in_channels, 64, 3, 1, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(64)
-        blocks, width = [], 64
-        for channels, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            blocks += [BasicBlock(width, channels, stride), BasicBlock(channels, channels, 1)]
-            width = channels
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        blocks, previous = [], width
+        for channels, stride in [(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)]:
+            blocks += [BasicBlock(previous, channels, stride),
+                       BasicBlock(channels, channels, 1)]
+            previous = channels
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(512, classes)
+        self.head = nn.Linear(previous, classes)
 
     def forward(self, x):
         x = self.blocks(torch.relu(self.bn(self.stem(x))))
@@ -110,15 +113,18 @@ class SmallViT(nn.Module):
 MODELS = {"cnn": SmallCNN, "resnet18": ResNet18, "vit": SmallViT}
 
 
-def build_model(name, in_channels, image_size, classes, patch=4) -> nn.Module:
+def build_model(name, in_channels, image_size, classes, patch=4, width=64) -> nn.Module:
     """A fresh model ``name`` (a key of MODELS) for the given input shape and classes.
 
-    ``patch`` is the ViT's patch size (ignored by the other models).
+    ``patch`` is the ViT's patch size, ``width`` the ResNet's stem channels (each ignored
+    by the other models).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if name == "vit":
         return SmallViT(in_channels, image_size, classes, patch=patch)
+    if name == "resnet18":
+        return ResNet18(in_channels, image_size, classes, width=width)
     return MODELS[name](in_channels, image_size, classes)
 
 

@@ -18,7 +18,7 @@ from .config import METHODS, RunConfig, run_key
 from .models import build_model, wrap_first_layer
 
 __all__ = ["METHODS", "RunConfig", "accuracy", "augment", "environment", "make_optimizer",
-           "run_key", "set_threads", "train_run"]
+           "make_step", "run_key", "set_threads", "stepper", "train_run"]
 
 
 def set_threads(threads: int) -> None:
@@ -62,6 +62,48 @@ def accuracy(model, images, labels, batch_size=1000):
     return 100.0 * correct / len(labels)
 
 
+def make_step(config: RunConfig, method: str, seed: int, data):
+    """The run's model and its training step, ``step(images, labels) -> loss`` (a float).
+
+    The model starts from the seed's initialisation (the same for both methods: ``wrap``
+    draws nothing); the step is one SGD/Adam update with the per-step cosine schedule.
+    """
+    torch.manual_seed(seed)
+    model = build_model(config.model, data.channels, data.image_size, data.classes,
+                        patch=config.patch, width=config.width)
+    if method == "tract":
+        wrap_first_layer(model, config.lam)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
+                               config.weight_decay)
+    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch)  # per step, down to 0 at the end
+
+    def step(images, labels):
+        model.train()
+        loss = nn.functional.cross_entropy(model(images), labels,
+                                           label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    return model, step
+
+
+def stepper(config: RunConfig, method: str, seed: int, data):
+    """``step(idx)``: one training step on the training images ``idx`` (for timing)."""
+    _, one_step = make_step(config, method, seed, data)
+    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+
+    def step(idx):
+        idx = torch.from_numpy(idx)
+        return one_step(x_train[idx], y_train[idx])
+
+    return step
+
+
 def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -> dict:
     """Train one model and return its record: the run key plus accuracies and timings.
 
@@ -79,37 +121,22 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
         raise ValueError(f"train.py trains torch runs; this config is {config.framework!r}")
     record = run_key(config, method, seed)
     start = time.perf_counter()
-    torch.manual_seed(seed)  # same initialisation for both methods: wrap() draws nothing
-    model = build_model(config.model, data.channels, data.image_size, data.classes,
-                        patch=config.patch)
-    if method == "tract":
-        wrap_first_layer(model, config.lam)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
-                               config.weight_decay)
-    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs * steps_per_epoch)  # per step, down to 0 at the end
+    model, one_step = make_step(config, method, seed, data)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     batches = torch.Generator().manual_seed(seed)  # batch order and augmentation
     history, train_loss = [], []
     bar = tqdm(total=config.epochs * steps_per_epoch, disable=None if progress else True,
                desc=f"{method} seed {seed} ({config.epochs} ep)", unit="step", leave=False)
     with bar:
         for _ in range(config.epochs):
-            model.train()
             losses = []
             for idx in torch.randperm(len(y_train), generator=batches).split(
                     config.batch_size):
                 images = x_train[idx]
                 if config.augment:
                     images = augment(images, batches)
-                loss = nn.functional.cross_entropy(model(images), y_train[idx],
-                                                   label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
+                losses.append(one_step(images, y_train[idx]))
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             train_loss.append(sum(losses) / len(losses))

@@ -281,24 +281,9 @@ def _optimizer(name, lr, total_steps, weight_decay):
     return make_optimizer(name, lr, total_steps, weight_decay)  # cached: the step's key
 
 
-def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -> dict:
-    """Train one model and return its record: the run key plus accuracies and timings.
-
-    Args:
-        config: the run's settings (``framework="jax"``). method: "vanilla" or "tract".
-            seed: int (initialisation, batch order, augmentation).
-        data: a ``data.Dataset`` (numpy (N, C, H, W); made channels-last here).
-        progress: show a tqdm bar (only where stderr is a terminal).
-
-    Returns:
-        ``run_key(...)`` plus test_acc (final, %), history (test accuracy after each
-        epoch), train_loss (mean per epoch), seconds (training, testing and compiling
-        time), threads and the jax, flax and optax versions.
-    """
-    if config.framework != "jax":
-        raise ValueError(f"train_jax.py trains jax runs; this config is {config.framework!r}")
-    record = run_key(config, method, seed)
-    start = time.perf_counter()
+def make_step(config: RunConfig, method: str, seed: int, data):
+    """The run's training step ``step(images (B, H, W, C), idx) -> loss`` and its
+    evaluation-mode ``predict(images) -> logits``, from the seed's initialisation."""
     model = build_model(config.model, data.channels, data.image_size, data.classes,
                         seed=seed, patch=config.patch)
     if method == "tract":
@@ -319,9 +304,37 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
             config.label_smoothing)
         return loss
 
-    history, train_loss = loop.run_epochs(
-        config, method, seed, data, one_step,
-        lambda images: predict(state["params"], state["rest"], images), progress)
+    return one_step, lambda images: predict(state["params"], state["rest"], images)
+
+
+def stepper(config: RunConfig, method: str, seed: int, data):
+    """``step(idx)``: one training step on the training images ``idx`` (for timing)."""
+    one_step, _ = make_step(config, method, seed, data)
+    x_train = loop.channels_last(data.x_train)
+    return lambda idx: float(one_step(x_train[idx], idx))
+
+
+def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -> dict:
+    """Train one model and return its record: the run key plus accuracies and timings.
+
+    Args:
+        config: the run's settings (``framework="jax"``). method: "vanilla" or "tract".
+            seed: int (initialisation, batch order, augmentation).
+        data: a ``data.Dataset`` (numpy (N, C, H, W); made channels-last here).
+        progress: show a tqdm bar (only where stderr is a terminal).
+
+    Returns:
+        ``run_key(...)`` plus test_acc (final, %), history (test accuracy after each
+        epoch), train_loss (mean per epoch), seconds (training, testing and compiling
+        time), threads and the jax, flax and optax versions.
+    """
+    if config.framework != "jax":
+        raise ValueError(f"train_jax.py trains jax runs; this config is {config.framework!r}")
+    record = run_key(config, method, seed)
+    start = time.perf_counter()
+    one_step, predict = make_step(config, method, seed, data)
+    history, train_loss = loop.run_epochs(config, method, seed, data, one_step, predict,
+                                          progress)
     record.update(test_acc=history[-1], history=history, train_loss=train_loss,
                   seconds=round(time.perf_counter() - start, 2), **environment())
     return record

@@ -308,6 +308,25 @@ def compiled_model(config: RunConfig, method: str, seed: int, data) -> keras.Mod
     return model
 
 
+def make_step(config: RunConfig, method: str, seed: int, data):
+    """The run's compiled model and ``step(images (B, H, W, C), idx) -> cross-entropy``."""
+    model = compiled_model(config, method, seed, data)
+    y_train = np.eye(data.classes, dtype=np.float32)[data.y_train]  # one-hot
+
+    def one_step(images, idx):
+        logs = model.train_on_batch(images, y_train[idx], return_dict=True)
+        return logs["cross_entropy"]
+
+    return model, one_step
+
+
+def stepper(config: RunConfig, method: str, seed: int, data):
+    """``step(idx)``: one training step on the training images ``idx`` (for timing)."""
+    _, one_step = make_step(config, method, seed, data)
+    x_train = loop.channels_last(data.x_train)
+    return lambda idx: float(one_step(x_train[idx], idx))
+
+
 def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -> dict:
     """Train one model and return its record: the run key plus accuracies and timings.
 
@@ -328,13 +347,7 @@ def train_run(config: RunConfig, method: str, seed: int, data, progress=False) -
                          f"{config.framework!r}")
     record = run_key(config, method, seed)
     start = time.perf_counter()
-    model = compiled_model(config, method, seed, data)
-    y_train = np.eye(data.classes, dtype=np.float32)[data.y_train]  # one-hot
-
-    def one_step(images, idx):
-        logs = model.train_on_batch(images, y_train[idx], return_dict=True)
-        return logs["cross_entropy"]
-
+    model, one_step = make_step(config, method, seed, data)
     history, train_loss = loop.run_epochs(config, method, seed, data, one_step,
                                           model.predict_on_batch, progress)
     record.update(test_acc=history[-1], history=history, train_loss=train_loss,

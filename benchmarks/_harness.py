@@ -1,8 +1,9 @@
-"""What bench_torch.py, bench_jax.py and bench_tf.py share: the command line, timing the
-variants interleaved, peak RSS growth in a fresh process, and the table."""
+"""What the benchmarks share: the command line, timing the variants interleaved as paired
+rounds, peak RSS growth in a fresh process, and the table."""
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ HERE = Path(__file__).resolve().parent
 def parser(description, goals):
     """The options every benchmark takes; a script adds its own."""
     options = argparse.ArgumentParser(description=description)
-    options.add_argument("--repeats", type=int, default=7)
+    options.add_argument("--rounds", type=int, default=15,
+                         help="paired rounds (each variant once per round)")
     options.add_argument("--threads", type=int, default=2)
     options.add_argument("--cases", nargs="*", default=list(goals), choices=list(goals))
     options.add_argument("--memory", action="store_true", help="also measure extra peak memory")
@@ -22,24 +24,41 @@ def parser(description, goals):
     return options
 
 
-def best_times(runs, repeats, run):
-    """Minimum seconds of ``run(*args)`` for each variant of ``runs`` ({variant: args}).
+def paired_times(runs, rounds, run):
+    """Seconds of ``run(*args)`` per round for each variant of ``runs`` ({variant: args}).
 
     Each variant runs once to compile and warm up; then the variants take turns, so that
-    a change in the machine's load or state hits all of them alike, in an order reversed
-    every round, so that each follows each other as often (what ran before, its caches
-    and its freed memory, moves a whole ResNet step by a few percent).
+    a change in the machine's load hits all of them alike, in an order reversed every
+    round, so that each follows each other as often (what ran before, its caches and its
+    freed memory, moves a whole ResNet step by a few percent). Compare variants by their
+    per-round ratios (:func:`ratio_summary`): on a shared machine those are stable where
+    separate minima are not.
     """
-    best = {variant: float("inf") for variant in runs}
     for args in runs.values():
         run(*args)
+    seconds = {variant: [] for variant in runs}
     order = list(runs.items())
-    for round_ in range(repeats):
+    for round_ in range(rounds):
         for variant, args in order if round_ % 2 == 0 else reversed(order):
             start = time.perf_counter()
             run(*args)
-            best[variant] = min(best[variant], time.perf_counter() - start)
-    return best
+            seconds[variant].append(time.perf_counter() - start)
+    return seconds
+
+
+def ratio_summary(seconds, variant, baseline="plain"):
+    """Median, first and third quartile of ``variant``'s per-round time over the
+    baseline's (``seconds`` from :func:`paired_times`)."""
+    ratios = [t / b for t, b in zip(seconds[variant], seconds[baseline])]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), low, high
+
+
+def ratio_text(summary):
+    median, low, high = summary
+    return f"{median:.2f}x [{low:.2f}, {high:.2f}]"
 
 
 def peak_growth_mib(step):
@@ -77,15 +96,19 @@ def print_header(*columns):
     print("|---" * len(columns) + "|")
 
 
-def timing_cells(case, best, goals):
-    """case, plain ms, TrAct ms, TrAct/plain, goal; and the same as a results dict."""
-    ratio = best["tract"] / best["plain"]
-    cells = [case, f"{best['plain'] * 1e3:.1f}", f"{best['tract'] * 1e3:.1f}", f"{ratio:.2f}x",
+def timing_cells(case, seconds, goals):
+    """case, plain ms, TrAct ms (medians), TrAct/plain (median [IQR] of per-round ratios),
+    goal; and the same as a results dict."""
+    summary = ratio_summary(seconds, "tract")
+    plain, tract = (statistics.median(seconds[v]) for v in ("plain", "tract"))
+    cells = [case, f"{plain * 1e3:.1f}", f"{tract * 1e3:.1f}", ratio_text(summary),
              f"<= {goals[case]}x"]
-    return cells, {"plain_s": best["plain"], "tract_s": best["tract"], "ratio": ratio}
+    return cells, {"plain_s": plain, "tract_s": tract, "ratio": summary[0],
+                   "ratio_iqr": summary[1:], "ratios_per_round": [
+                       t / p for t, p in zip(seconds["tract"], seconds["plain"])]}
 
 
-TIMING_COLUMNS = ("case", "plain ms", "TrAct ms", "TrAct/plain", "goal")
+TIMING_COLUMNS = ("case", "plain ms", "TrAct ms", "TrAct/plain [IQR]", "goal")
 
 
 def write_json(path, results):

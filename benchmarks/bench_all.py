@@ -1,6 +1,6 @@
 """Every framework's first-layer benchmark, one after another, in one command.
 
-    python benchmarks/bench_all.py [--repeats 7] [--threads 2] [--memory] [--out DIR]
+    python benchmarks/bench_all.py [--rounds 15] [--threads 2] [--memory] [--out DIR]
 
 Runs bench_torch.py, bench_jax.py and bench_tf.py, each in its own process (the
 frameworks do not share a process well, and each sizes its thread pool at start-up),
@@ -24,7 +24,7 @@ SCRIPTS = {"torch": "bench_torch.py", "jax": "bench_jax.py", "tensorflow": "benc
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
     parser.add_argument("--frameworks", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS))
@@ -41,8 +41,8 @@ def main(argv=None):
         if importlib.util.find_spec(framework) is None:
             print(f"{framework} is not installed here: skipped")
             continue
-        command = [sys.executable, str(HERE / SCRIPTS[framework]), "--repeats",
-                   str(args.repeats), "--threads", str(args.threads)]
+        command = [sys.executable, str(HERE / SCRIPTS[framework]), "--rounds",
+                   str(args.rounds), "--threads", str(args.threads)]
         if args.memory:
             command.append("--memory")
         if args.out:

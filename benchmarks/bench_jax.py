@@ -1,6 +1,6 @@
 """First-layer cost of TrAct vs the plain layer in JAX (XLA CPU), measured side by side.
 
-    python benchmarks/bench_jax.py [--repeats 7] [--threads 2] [--memory] [--json out.json]
+    python benchmarks/bench_jax.py [--rounds 15] [--threads 2] [--memory] [--json out.json]
 
 Each case times one jitted forward + backward of the first layer alone: ``jax.vjp`` of
 the layer with respect to kernel and bias (the input needs no gradient, as for a stem),
@@ -88,8 +88,8 @@ def run(step, args):
     jax.block_until_ready(step(*args))
 
 
-def time_case(case, repeats):
-    return _harness.best_times({v: make(case, v) for v in ("plain", "tract")}, repeats, run)
+def time_case(case, rounds):
+    return _harness.paired_times({v: make(case, v) for v in ("plain", "tract")}, rounds, run)
 
 
 def planned_peak(case, variant):
@@ -105,11 +105,11 @@ def main(argv=None):
     import jax
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), {args.threads} threads, "
-          f"min of {args.repeats} runs")
+          f"{args.rounds} paired rounds")
     _harness.print_header(*_harness.TIMING_COLUMNS, *["extra peak MiB"] * args.memory)
     results = {}
     for case in args.cases:
-        cells, results[case] = _harness.timing_cells(case, time_case(case, args.repeats), GOALS)
+        cells, results[case] = _harness.timing_cells(case, time_case(case, args.rounds), GOALS)
         if args.memory:
             extra = planned_peak(case, "tract") - planned_peak(case, "plain")
             results[case]["extra_peak_mib"] = extra

@@ -1,6 +1,6 @@
 """First-layer cost of TrAct vs the plain layer in TensorFlow, measured side by side.
 
-    python benchmarks/bench_tf.py [--repeats 7] [--threads 2] [--no-jit-compile] [--memory]
+    python benchmarks/bench_tf.py [--rounds 15] [--threads 2] [--no-jit-compile] [--memory]
 
 Each case times one ``tf.function`` step (XLA-compiled unless --no-jit-compile, as Keras
 compiles by default) of the first layer alone: forward under a GradientTape, then the
@@ -82,9 +82,9 @@ def run(step, args):
         value.numpy()  # wait for the results
 
 
-def time_case(case, repeats, jit_compile):
+def time_case(case, rounds, jit_compile):
     runs = {v: make(case, v, jit_compile) for v in ("plain", "tract")}
-    return _harness.best_times(runs, repeats, run)
+    return _harness.paired_times(runs, rounds, run)
 
 
 def peak_growth_in_child(case, variant, threads, jit_compile):
@@ -105,11 +105,11 @@ def main(argv=None):
 
     mode = "XLA" if args.jit_compile else "graph"
     print(f"tensorflow {tf.__version__} ({mode}), {args.threads} threads, "
-          f"min of {args.repeats} runs")
+          f"{args.rounds} paired rounds")
     _harness.print_header(*_harness.TIMING_COLUMNS, *["extra peak MiB"] * args.memory)
     results = {}
     for case in args.cases:
-        best = time_case(case, args.repeats, args.jit_compile)
+        best = time_case(case, args.rounds, args.jit_compile)
         cells, results[case] = _harness.timing_cells(case, best, GOALS)
         if args.memory:
             growth = {v: _harness.in_fresh_process("bench_tf", "peak_growth_in_child", case, v,

@@ -1,6 +1,6 @@
 """First-layer cost of TrAct vs the plain layer in PyTorch, measured side by side.
 
-    python benchmarks/bench_torch.py [--repeats 7] [--threads 2] [--memory] [--json F]
+    python benchmarks/bench_torch.py [--rounds 15] [--threads 2] [--memory] [--json F]
                                      [--device cuda [--cuda-graphs]]
 
 Each case times forward + backward of the first layer alone (its input needs no gradient,
@@ -133,9 +133,10 @@ def step(layer, x, grad_z):
         torch.cuda.synchronize()
 
 
-def time_case(case, repeats, device="cpu", graphed=False):
-    """Best seconds per variant; a variant whose capture fails (the baseline's explicit
-    inverse checks its result on the host) is left out."""
+def time_case(case, rounds, device="cpu", graphed=False):
+    """Seconds per variant and round (``_harness.paired_times``); a variant whose
+    capture fails (the baseline's explicit inverse checks its result on the host) is
+    left out."""
     runs = {}
     for variant in VARIANTS:
         try:
@@ -144,7 +145,7 @@ def time_case(case, repeats, device="cpu", graphed=False):
             if not graphed or variant != "unfold":
                 raise
             print(f"{case}: {variant} not captured ({str(error).splitlines()[0][:80]})")
-    return _harness.best_times(runs, repeats, step)
+    return _harness.paired_times(runs, rounds, step)
 
 
 def _warm(case, variant, device="cpu"):
@@ -184,19 +185,19 @@ def main(argv=None):
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{args.threads} threads")
     graphs = ", CUDA graphs" if args.cuda_graphs else ""
-    print(f"torch {torch.__version__}, {where}{graphs}, min of {args.repeats} runs")
+    print(f"torch {torch.__version__}, {where}{graphs}, {args.rounds} paired rounds")
     columns = [*_harness.TIMING_COLUMNS, "unfold baseline/plain"]
     if args.memory:
         columns += ["TrAct extra peak MiB", "baseline extra peak MiB"]
     _harness.print_header(*columns)
     results = {}
     for case in args.cases:
-        best = time_case(case, args.repeats, args.device, args.cuda_graphs)
-        cells, results[case] = _harness.timing_cells(case, best, GOALS)
-        if "unfold" in best:
-            baseline = best["unfold"] / best["plain"]
-            cells.append(f"{baseline:.2f}x")
-            results[case].update(unfold_s=best["unfold"], unfold_ratio=baseline)
+        seconds = time_case(case, args.rounds, args.device, args.cuda_graphs)
+        cells, results[case] = _harness.timing_cells(case, seconds, GOALS)
+        if "unfold" in seconds:
+            baseline = _harness.ratio_summary(seconds, "unfold")
+            cells.append(_harness.ratio_text(baseline))
+            results[case].update(unfold_ratio=baseline[0], unfold_ratio_iqr=baseline[1:])
         else:
             cells.append("not captured")
         if args.memory and args.device == "cuda":

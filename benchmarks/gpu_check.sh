@@ -25,10 +25,10 @@ python3 -c "import torch, jax; print('torch', torch.__version__, torch.cuda.get_
 'jax', jax.__version__, jax.devices())"
 pytest=(python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=25)
 step torch_cuda_tests 180 "${pytest[@]}" tests/test_torch.py -k cuda
-step bench_torch_cuda 70 python3 benchmarks/bench_torch.py --device cuda --repeats 20 --memory
-step bench_torch_cuda_graphs 60 python3 benchmarks/bench_torch.py --device cuda --repeats 20 \
+step bench_torch_cuda 70 python3 benchmarks/bench_torch.py --device cuda --rounds 20 --memory
+step bench_torch_cuda_graphs 60 python3 benchmarks/bench_torch.py --device cuda --rounds 20 \
     --cuda-graphs
 step whole_step_torch_cuda 150 python3 benchmarks/whole_step_torch.py --device cuda --rounds 20
-step bench_jax_gpu 120 python3 benchmarks/bench_jax.py --repeats 20 --memory
+step bench_jax_gpu 120 python3 benchmarks/bench_jax.py --rounds 20 --memory
 step core_cupy_tests 50 "${pytest[@]}" tests/test_core.py -k cupy
 step jax_gpu_tests 70 "${pytest[@]}" tests/test_jax.py -k "fixture or float32"

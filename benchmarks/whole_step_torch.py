@@ -22,15 +22,14 @@ import argparse
 import copy
 import importlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import _harness
 from bench_torch import _unfold_baseline
 from tract_compare.models import ResNet18, SmallCNN, SmallViT
 
@@ -69,28 +68,6 @@ def train_step(model, optimizer, x, y):
         torch.cuda.synchronize()
 
 
-def paired_ratios(runs, rounds, x, y):
-    """{variant: [time / plain time, per round]}, after one warm-up step each."""
-    for model, optimizer in runs.values():
-        train_step(model, optimizer, x, y)
-    ratios = {key: [] for key in runs if key != "plain"}
-    order = list(runs)
-    for round_ in range(rounds):
-        seconds = {}
-        for key in order if round_ % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            train_step(*runs[key], x, y)
-            seconds[key] = time.perf_counter() - start
-        for key in ratios:
-            ratios[key].append(seconds[key] / seconds["plain"])
-    return ratios
-
-
-def summary(values):
-    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return statistics.median(values), quartiles[0], quartiles[-1]
-
-
 def main(argv=None):
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--rounds", type=int, default=30)
@@ -109,10 +86,14 @@ def main(argv=None):
         torch.manual_seed(1)
         x = torch.randn(shape, device=args.device)
         y = torch.randint(0, 10, (shape[0],), device=args.device)
-        ratios = paired_ratios(variants(name, args.also, args.device), args.rounds, x, y)
-        for key, values in ratios.items():
-            median, low, high = summary(values)
-            results[f"{name}/{key}"] = values
+        runs = {key: (*pair, x, y) for key, pair in
+                variants(name, args.also, args.device).items()}
+        seconds = _harness.paired_times(runs, args.rounds, train_step)
+        for key in runs:
+            if key == "plain":
+                continue
+            median, low, high = _harness.ratio_summary(seconds, key)
+            results[f"{name}/{key}"] = [t / p for t, p in zip(seconds[key], seconds["plain"])]
             print(f"| {name} | {key} | {median:.3f} [{low:.3f}, {high:.3f}] |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -20,7 +20,10 @@ CASE_NAMES = ["linear_rows", "linear_tokens", "conv2d_cifar_stem", "conv1d_strid
 SCENARIOS = ([(name, True, "ddp") for name in CASE_NAMES]
              + [("conv2d_cifar_stem", False, "ddp"), ("linear_rows", True, "no_sync"),
                 ("conv2d_cifar_stem", True, "fsdp"),
-                ("conv2d_stride2_pixels", True, "many_entries")])
+                ("conv2d_stride2_pixels", True, "many_entries")]
+             + [(name, sync, "accumulate") for name, sync in [
+                 ("conv2d_cifar_stem", True), ("linear_tokens", True),
+                 ("conv2d_cifar_stem", False)]])
 
 
 def split_rows(n):
@@ -34,7 +37,7 @@ def _gradient(rank, case, sync, mode):
         plain, x, grad_z = widened(case)
     else:
         plain, x, grad_z = plain_layer(case), torch.tensor(case.x), torch.tensor(case.grad_z)
-    layer = tt.wrap(plain, lam=case.lam, sync=sync)
+    layer = tt.wrap(plain, lam=case.lam, sync=sync, accumulate=mode == "accumulate")
     part = split_rows(len(x))[rank]
     # Full-batch z.backward(G) splits into replica losses scaled by the world size,
     # since data parallelism averages the replicas' gradients.
@@ -46,6 +49,15 @@ def _gradient(rank, case, sync, mode):
         layer(x).backward(grad_z)
         return layer.weight.grad.full_tensor()
     model = torch.nn.parallel.DistributedDataParallel(layer)
+    if mode == "accumulate":  # micro-batches of unequal size; finalize all-reduces once
+        for i, micro in enumerate(split_rows(len(x))):
+            if i == 0:
+                with model.no_sync():
+                    model(x[micro]).backward(grad_z[micro])
+            else:
+                model(x[micro]).backward(grad_z[micro])
+        tt.finalize(model)
+        return layer.weight.grad
     if mode == "no_sync":  # accumulate two micro-batches, all-reduce on the second
         with model.no_sync():
             model(x).backward(grad_z)
@@ -124,6 +136,22 @@ def test_ddp_sync_with_many_patch_entries_equals_full_batch(replica_results):
     plain, x, grad_z = widened(case)
     assert_close(result_of(replica_results, (case.name, True, "many_entries")),
                  tract_reference(plain, x, grad_z, case.lam), 1e-9)
+
+
+@pytest.mark.parametrize("case_name", ["conv2d_cifar_stem", "linear_tokens"])
+def test_accumulated_micro_batches_under_ddp_equal_the_full_batch(replica_results,
+                                                                  case_name):
+    """Each replica: two micro-batches (the first under no_sync), then finalize: the
+    gradient of every replica's every row at once, as one process computes it."""
+    case = next(c for c in CASES if c.name == case_name)
+    assert_close(result_of(replica_results, (case_name, True, "accumulate")),
+                 case.grad_weight, 1e-9)
+
+
+def test_accumulation_under_ddp_needs_sync(replica_results):
+    """sync=False would precondition each replica alone after DDP averaged: refused."""
+    i = SCENARIOS.index(("conv2d_cifar_stem", False, "accumulate"))
+    assert "needs sync=True" in str(replica_results[f"{i}_error"])
 
 
 def test_sync_without_process_group_is_local():

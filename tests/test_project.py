@@ -37,10 +37,14 @@ ALLOWED = {
     "__init__": (set(), {"_core", "_patches", "_conv_gram"}),
     "_tf_namespace": ({"tensorflow"}, {"_backends", "_patches"}),
     "_jax_vmap": ({"jax"}, set()),
-    "torch": ({"torch"}, {"__init__", "_args", "_requires"}),
+    "_torch_accumulate": ({"torch"}, {"__init__"}),
+    "_torch_adopt": ({"torch"}, set()),
+    "torch": ({"torch"}, {"__init__", "_args", "_requires", "_torch_accumulate",
+                          "_torch_adopt"}),
     "jax": ({"jax"}, {"__init__", "_args", "_backends", "_jax_vmap", "_requires"}),
     "tensorflow": ({"tensorflow"}, {"__init__", "_args", "_tf_namespace", "_requires"}),
     "flax": ({"jax", "flax"}, {"jax", "__init__", "_requires"}),
+    "equinox": ({"jax", "equinox"}, {"jax", "__init__", "_requires"}),
     "keras": ({"keras", "torch", "jax", "tensorflow"},
               {"torch", "jax", "tensorflow", "__init__", "_args", "_requires"}),
 }
@@ -221,3 +225,10 @@ def test_wheel_ships_the_package_and_imports_no_framework(tmp_path):
     assert pathlib.Path(path).is_relative_to(target)
     assert (pathlib.Path(path).parent / "py.typed").is_file()
     assert imported == installed == version and frameworks == []
+
+
+def test_compare_help_needs_no_framework():
+    """``examples/compare.py --help`` works where only numpy is installed."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "compare.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--baseline-epochs" in out and "--framework" in out

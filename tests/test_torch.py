@@ -3,7 +3,9 @@
 import copy
 import io
 import math
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -203,8 +205,8 @@ def test_same_parameters_and_state_dict_both_ways(make):
 
 
 @pytest.mark.parametrize("layer", [nn.LSTM(3, 4), nn.ConvTranspose2d(2, 3, 3),
-                                   nn.Sequential(nn.Linear(2, 2)), nn.Bilinear(2, 2, 2),
-                                   nn.LazyLinear(3)], ids=lambda m: type(m).__name__)
+                                   nn.Sequential(nn.Linear(2, 2)), nn.Bilinear(2, 2, 2)],
+                         ids=lambda m: type(m).__name__)
 def test_unsupported_layers_raise_type_error(layer):
     with pytest.raises(TypeError, match=r"nn\.Linear, nn\.Conv1d, nn\.Conv2d, nn\.Conv3d"):
         tt.wrap(layer)
@@ -220,6 +222,10 @@ def test_bad_lam_raises_value_error(lam):
         tt.conv(torch.ones(1, 1, 3), torch.ones(1, 1, 2), lam=lam)
     with pytest.raises(ValueError, match="lam"):
         tt.linear(torch.ones(1, 2), torch.ones(3, 2), lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tt.TrActConv2d(1, 2, 3, lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        tt.wrap_first_layer(nn.Sequential(nn.Linear(2, 2)), torch.ones(1, 2), lam=lam)
     layer = tt.TrActConv2d(1, 2, 3)
     layer.lam = lam
     with pytest.raises(ValueError, match="lam"):
@@ -778,16 +784,6 @@ def test_torch_compile_fullgraph_in_a_fresh_process():
     assert result.returncode == 0 and "same gradients" in result.stdout, result.stderr[-4000:]
 
 
-class _MyConv2d(nn.Conv2d):
-    pass
-
-
-def test_subclasses_of_supported_layers_raise_type_error():
-    """A subclass may override forward, which the TrAct layer would drop."""
-    with pytest.raises(TypeError, match="_MyConv2d"):
-        tt.wrap(_MyConv2d(2, 3, 3))
-
-
 def test_complex_layers_raise_type_error_in_forward():
     layer = tt.wrap(nn.Conv2d(2, 3, 3, dtype=torch.complex64))
     with pytest.raises(TypeError, match="complex64"):
@@ -811,3 +807,370 @@ def test_inputs_the_plain_layer_refuses_raise_its_error(make, x):
     with pytest.raises(type(plain_error.value)) as ours:
         tt.wrap(plain)(x)
     assert str(ours.value) == str(plain_error.value)
+
+
+# Adoption: layers built with lam, the official call, subclasses, the first-layer helper.
+
+BUILT_DIRECTLY = [
+    (tt.TrActLinear, (5, 3), {}, 0.05, (7, 2, 5)),
+    (tt.TrActConv1d, (2, 4, 3), {"stride": 2, "dilation": 2}, 0.3, (3, 2, 13)),
+    (tt.TrActConv2d, (3, 4, 7), {"stride": 2, "padding": 3, "bias": False}, 0.05,
+     (6, 3, 12, 12)),
+    (tt.TrActConv3d, (2, 4, 2), {"padding": 1, "padding_mode": "circular", "groups": 2}, 0.2,
+     (2, 2, 3, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("cls, args, options, lam, shape", BUILT_DIRECTLY,
+                         ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_layers_built_with_lam_give_tracts_gradient(cls, args, options, lam, shape):
+    """TrActConv2d(3, 4, 7, ..., lam=0.05): the plain layer's options and the given lam."""
+    torch.manual_seed(0)
+    layer = cls(*args, **options, lam=lam, dtype=torch.float64)
+    assert isinstance(layer, _PLAIN_OF[cls]) and layer.lam == lam and not layer.sync
+    x = torch.randn(shape, dtype=torch.float64)
+    z = layer(x)
+    grad_z = torch.randn_like(z)
+    z.backward(grad_z)
+    assert_close(layer.weight.grad, tract_reference(layer, x, grad_z, lam), 1e-9)
+    plain = tt.unwrap(layer)
+    assert type(plain) is _PLAIN_OF[cls] and plain.weight is layer.weight
+    assert torch.equal(plain(x), z.detach())
+
+
+_PLAIN_OF = {tt.TrActLinear: nn.Linear, tt.TrActConv1d: nn.Conv1d, tt.TrActConv2d: nn.Conv2d,
+             tt.TrActConv3d: nn.Conv3d}
+
+
+def test_official_call_is_wrap():
+    """TrAct(layer, l=...) (the official implementation's call) is wrap(layer, lam=...)."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 4, 3, stride=2).double()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    grads = []
+    for layer in (tt.TrAct(plain, l=0.3), tt.wrap(plain, lam=0.3), tt.TrAct(plain)):
+        plain.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        grads.append(plain.weight.grad)
+        assert type(layer) is tt.TrActConv2d and layer.weight is plain.weight
+    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], grads[2])
+    assert tt.TrAct(plain).lam == 0.1
+    assert_close(grads[0], tract_reference(plain, x, 2 * plain(x), 0.3), 1e-9)
+
+
+class _InitOnlyConv2d(nn.Conv2d):
+    """A subclass that changes only the construction: wrap() accepts it."""
+
+    def __init__(self, channels, width):
+        super().__init__(channels, width, 3, padding=1, bias=False)
+        self.role = "stem"
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.1)
+
+    def describe(self):
+        return f"{self.role} {self.out_channels}"
+
+
+class _StdConv2d(nn.Conv2d):
+    """Weight standardization as timm's StdConv2d does it: forward overridden."""
+
+    def forward(self, x):
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (
+            self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class _ScaledConvForward(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _ScaledCallLinear(nn.Linear):
+    def __call__(self, x):
+        return 2 * super().__call__(x)
+
+
+def test_subclass_with_the_plain_forward_is_accepted():
+    """Its TrAct class derives from it: TrAct's gradient, the subclass's methods, pickling
+    and deepcopy keep the class, unwrap gives the subclass back with the same Parameters."""
+    torch.manual_seed(0)
+    plain = _InitOnlyConv2d(3, 4).double()
+    layer = tt.wrap(plain, lam=0.2)
+    assert isinstance(layer, _InitOnlyConv2d) and isinstance(layer, tt.TrActConv2d)
+    assert type(layer) is type(tt.wrap(_InitOnlyConv2d(2, 2)))  # one class per subclass
+    assert layer.describe() == "stem 4" and layer.weight is plain.weight and layer.lam == 0.2
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    z = layer(x)
+    z.square().sum().backward()
+    assert torch.equal(z, plain(x))
+    assert_close(plain.weight.grad, tract_reference(plain, x, 2 * z, 0.2), 1e-9)
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(layer), buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False)[0], copy.deepcopy(layer)):
+        assert type(other) is type(layer) and other.lam == 0.2
+        assert torch.equal(other.weight, layer.weight)
+    back = tt.unwrap(layer)
+    assert type(back) is _InitOnlyConv2d and back.weight is plain.weight
+    assert tt.wrap(layer, lam=0.05).lam == 0.05  # re-wrap
+
+
+@pytest.mark.parametrize("make, defined", [
+    (lambda: _StdConv2d(3, 4, 3), "its class .*_StdConv2d defines forward"),
+    (lambda: _ScaledConvForward(3, 4, 3), "defines _conv_forward"),
+    (lambda: _ScaledCallLinear(3, 4), "defines __call__"),
+], ids=["forward", "conv_forward", "call"])
+def test_subclass_that_may_change_the_forward_is_refused(make, defined):
+    with pytest.raises(TypeError, match=defined) as error:
+        tt.wrap(make())
+    assert "different function" in str(error.value)
+    assert "tract_core.torch.conv" in str(error.value) or "torch.linear" in str(error.value)
+
+
+def test_layer_whose_forward_was_replaced_is_refused():
+    layer = nn.Conv2d(3, 4, 3)
+    layer.forward = lambda x: x  # as hook libraries do
+    with pytest.raises(TypeError, match="the layer itself defines forward"):
+        tt.wrap(layer)
+
+
+def test_parametrized_layers_are_refused_until_the_parametrization_is_removed():
+    """weight_norm (parametrization or old-style pre-hook), spectral_norm: the weight is
+    computed from other parameters, so TrAct's gradient would not be theirs."""
+    parametrize = nn.utils.parametrize
+    layer = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError, match=r"parametrized .*remove_parametrizations"):
+        tt.wrap(layer)
+    parametrize.remove_parametrizations(layer, "weight")
+    assert type(tt.wrap(layer)) is tt.TrActConv2d
+    with pytest.warns(FutureWarning):
+        old_style = nn.utils.weight_norm(nn.Linear(3, 4))
+    for layer in (old_style, nn.utils.spectral_norm(nn.Linear(3, 4))):
+        with pytest.raises(TypeError, match="computed by a forward pre-hook"):
+            tt.wrap(layer)
+
+
+def test_lazy_layer_is_refused_before_its_first_forward():
+    layer = nn.LazyConv2d(4, 3)
+    with pytest.raises(TypeError, match="run one forward pass first"):
+        tt.wrap(layer)
+    layer(torch.randn(1, 3, 5, 5))
+    assert type(tt.wrap(layer)) is tt.TrActConv2d
+
+
+class _ResNetLike(nn.Module):
+    """Registered head first: the first conv by name order is not the first one called."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.stem = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False)),
+                                  nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Dropout(0.5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.relu(x + self.layer1(x)).mean((2, 3)))
+
+
+class _ViT(nn.Module):
+    """A class token and position embeddings on the model itself; LayerNorms in blocks."""
+
+    def __init__(self, width=16, patches=4):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, width))
+
+    def forward(self, pixel_values):
+        tokens = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], 1)
+        return self.norm(self.blocks(tokens + self.pos_embed))[:, 0]
+
+
+class _Standardize(nn.Module):
+    """Fixed per-channel mean and std (buffers, or frozen Parameters): preprocessing."""
+
+    def __init__(self, frozen_parameters=False):
+        super().__init__()
+        for name, value in (("mean", [0.5, 0.4, 0.3]), ("std", [0.2, 0.3, 0.25])):
+            value = torch.tensor(value).view(3, 1, 1)
+            if frozen_parameters:
+                self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(name, value)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class _NormalizedFirst(nn.Module):
+    def __init__(self, first):
+        super().__init__()
+        self.input_norm, self.conv = first, nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if self.input_norm is None:  # functional standardization in the forward
+            x = (x - x.mean()) / x.std()
+        else:
+            x = self.input_norm(x)
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("make, example, path", [
+    (_ResNetLike, torch.randn(2, 3, 8, 8), "stem.0.0"),
+    (_ViT, {"pixel_values": torch.randn(2, 3, 8, 8)}, "patch_embed.proj"),
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2)),
+     torch.randn(2, 3, 2, 2), "1"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (torch.randn(1, 3, 5, 5),), "0"),
+    (lambda: _NormalizedFirst(_Standardize()), torch.randn(2, 3, 6, 6), "conv"),
+    (lambda: _NormalizedFirst(_Standardize(True)), torch.randn(2, 3, 6, 6), "conv"),
+    (lambda: _NormalizedFirst(None), torch.randn(2, 3, 6, 6), "conv"),
+], ids=["resnet", "vit_class_token", "mlp_flatten", "sequential", "standardize_buffers",
+        "standardize_frozen_parameters", "standardize_functional"])
+def test_wrap_first_layer_finds_the_layer_the_input_reaches_first(make, example, path):
+    """From one forward (a tensor, a tuple of arguments, a dict of keywords), not from
+    names; parameter-free modules and functional ops on the way are skipped. Training
+    modes (a frozen BatchNorm in eval included) and running statistics stay as they were."""
+    torch.manual_seed(0)
+    model = make().train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if norms:
+        norms[-1].eval()
+    modes = [m.training for m in model.modules()]
+    plain = model.get_submodule(path)
+    assert tt.wrap_first_layer(model, example, lam=0.2) == path
+    layer = model.get_submodule(path)
+    assert type(layer) is tt.wrap(plain).__class__ and layer.lam == 0.2
+    assert layer.weight is plain.weight
+    assert [m.training for m in model.modules()] == modes
+    assert all(int(m.num_batches_tracked) == 0 for m in norms)
+    assert sum(isinstance(m, tt.TrActConv2d | tt.TrActLinear) for m in model.modules()) == 1
+
+
+def test_wrapped_first_layer_gets_tracts_gradient_and_the_rest_the_plain_ones():
+    """The ResNet-like model in float64: the stem's weight gradient is TrAct's for the
+    gradient at its output; every other gradient and the output are the plain model's."""
+    torch.manual_seed(0)
+    plain = _ResNetLike().double().eval()  # no dropout: both models see the same
+    model = copy.deepcopy(plain)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    assert tt.wrap_first_layer(model, x, lam=0.1) == "stem.0.0"
+    stem_out = []
+    plain.stem[0][0].register_forward_hook(lambda m, i, z: z.retain_grad() or stem_out.append(z))
+    results = []
+    for net in (plain, model):
+        out = net(x)
+        out.square().sum().backward()
+        results.append((out, dict(net.named_parameters())))
+    assert torch.equal(results[1][0], results[0][0])
+    for name, p in results[0][1].items():
+        if name != "stem.0.0.weight":
+            assert torch.equal(results[1][1][name].grad, p.grad), name
+    assert_close(results[1][1]["stem.0.0.weight"].grad,
+                 tract_reference(plain.stem[0][0], x, stem_out[0].grad), 1e-9)
+
+
+@pytest.mark.parametrize("first, named", [
+    (nn.BatchNorm2d(3), r"'input_norm' \(BatchNorm2d\)"),
+    (nn.GroupNorm(1, 3, affine=False), r"'input_norm' \(GroupNorm\)"),  # no parameters
+    (nn.Sequential(nn.Identity(), nn.InstanceNorm2d(3)), r"'input_norm.1' \(InstanceNorm2d\)"),
+], ids=["batchnorm", "groupnorm_no_affine", "instancenorm"])
+def test_wrap_first_layer_refuses_a_normalisation_before_the_first_layer(first, named):
+    """The message names the normalisation (path and class) and the layer after it; the
+    model is left as it was, running statistics included."""
+    model = _NormalizedFirst(first).train()
+    with pytest.raises(TypeError, match=f"{named}, a normalisation") as error:
+        tt.wrap_first_layer(model, torch.randn(2, 3, 6, 6))
+    assert "after it ('conv', Conv2d)" in str(error.value)
+    assert type(model.conv) is nn.Conv2d and all(m.training for m in model.modules())
+    assert all(int(m.num_batches_tracked) == 0 for m in model.modules()  # ran in eval mode
+               if isinstance(m, nn.BatchNorm2d))
+
+
+def test_wrap_first_layer_names_an_unsupported_first_layer():
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.ConvTranspose2d(3, 4, 3)))
+    with pytest.raises(TypeError, match=r"first layer '1\.0'.*got layer of type ConvTranspose2d"):
+        tt.wrap_first_layer(model, torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="called no module with a weight"):
+        tt.wrap_first_layer(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="itself its first layer"):
+        tt.wrap_first_layer(nn.Linear(3, 2), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="example_input is required"):
+        tt.wrap_first_layer(nn.Sequential(nn.Linear(3, 2)))
+
+
+class _TimmLike(nn.Module):
+    """timm-style: pretrained_cfg names the first conv; the forward must not run."""
+
+    def __init__(self, stem_conv, first_conv="stem.conv"):
+        super().__init__()
+        self.stem = nn.Module()
+        self.stem.conv = stem_conv
+        self.pretrained_cfg = {"first_conv": first_conv, "num_classes": 10}
+
+    def forward(self, x):
+        raise AssertionError("no forward needed")
+
+
+def test_wrap_first_layer_uses_timms_first_conv_without_a_forward():
+    model = _TimmLike(nn.Conv2d(3, 8, 3))
+    assert tt.wrap_first_layer(model, lam=0.3) == "stem.conv"
+    assert type(model.stem.conv) is tt.TrActConv2d and model.stem.conv.lam == 0.3
+    with pytest.raises(TypeError, match=r"'stem\.conv': _StdConv2d's forward may differ"):
+        tt.wrap_first_layer(_TimmLike(_StdConv2d(3, 8, 3)), torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"'stem\.proj', which names no submodule"):
+        tt.wrap_first_layer(_TimmLike(nn.Conv2d(3, 8, 3), "stem.proj"))
+
+
+def test_wrap_first_layer_rewraps_and_replaces_every_reference():
+    """A layer already wrapped gets the new settings (no double wrapping); a layer held at
+    two paths is replaced at both."""
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(conv, nn.ReLU())
+    model.alias = conv
+    x = torch.randn(1, 3, 5, 5)
+    assert tt.wrap_first_layer(model, x, lam=0.3) == "0"
+    assert model[0] is model.alias and type(model.alias) is tt.TrActConv2d
+    assert tt.wrap_first_layer(model, x, lam=0.05) == "0"
+    assert type(model[0]) is tt.TrActConv2d and model[0].lam == 0.05
+    assert model[0] is model.alias and model[0].weight is conv.weight
+
+
+COMPILE_WARNINGS = r"""
+import sys, torch, torch.nn as nn
+import tract_core.torch as tt
+for phase in ("plain", "wrapped"):
+    print(f"--- {phase}", file=sys.stderr, flush=True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 4))
+    x = torch.randn(4, 3, 8, 8)
+    if phase == "wrapped":
+        tt.wrap_first_layer(model, x)
+    torch.compile(model)(x).square().sum().backward()
+    sys.stderr.flush()
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
+def test_torch_compile_of_a_wrapped_model_warns_no_more_than_the_plain_one(tmp_path):
+    """torch.compile (inductor) of a plain model, then of the same model with its first
+    layer wrapped, in a fresh process with every warning shown: compiling the wrapped
+    one prints nothing (warning or log line) that compiling the plain one did not."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-W", "always", "-c", COMPILE_WARNINGS],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    _, plain, wrapped = re.split(r"^--- (?:plain|wrapped)$", result.stderr, flags=re.M)
+    # Log lines start with a time and a process id; objects print their addresses.
+    lines = [{re.sub(r"^[A-Z]\d{4} \S+ \d+ |0x[0-9a-f]+", "", line)
+              for line in text.splitlines() if line.strip()} for text in (plain, wrapped)]
+    assert lines[1] <= lines[0], sorted(lines[1] - lines[0])

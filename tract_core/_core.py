@@ -67,6 +67,21 @@ def gram(x: Array, *, xp: Namespace | None = None) -> Array:
     return _patches.rows_gram(xp, x)
 
 
+def moments(x: Array, grad_z: Array, *, xp: Namespace | None = None) -> tuple[Array, Array]:
+    """``G^T X`` and ``X^T X`` of rows, in `statistics_dtype`: what TrAct sums over rows
+    (micro-batches, replicas) before it preconditions once (see `precondition`).
+
+    Args:
+        x: (..., b, n) input rows. grad_z: (..., b, m) the loss gradient of the output.
+
+    Returns:
+        ``(grad_w, gram)``: (..., m, n) and (..., n, n).
+    """
+    xp = xp or namespace(x, grad_z)
+    xs, gs = _in_statistics_dtype(xp, x, grad_z)
+    return xp.matmul(_mT(xp, gs), xs), _patches.rows_gram(xp, xs)
+
+
 def precondition(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
                  xp: Namespace | None = None) -> Array:
     """Turn a plain weight gradient into TrAct's: ``grad_w (gram / count + lam I)^-1``.
@@ -155,12 +170,9 @@ def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
     if x.dtype != grad_z.dtype:
         raise TypeError(f"x and grad_z must share a dtype, got {x.dtype} and {grad_z.dtype}")
     xs, gs = _in_statistics_dtype(xp, x, grad_z)
-
-    def moments():
-        return xp.matmul(_mT(xp, gs), xs), _patches.rows_gram(xp, xs)
-
     rows = backend(xp).batch_size(x) if x.ndim == 2 else x.shape[-2]
-    out = _tract(xp, rows, x.shape[-1], lam, moments, lambda: (xs, gs), replica_sum)
+    out = _tract(xp, rows, x.shape[-1], lam, lambda: moments(xs, gs, xp=xp),
+                 lambda: (xs, gs), replica_sum)
     return xp.astype(out, x.dtype, copy=False)
 
 

@@ -2,6 +2,8 @@
 
     >>> import torch, tract_core.torch as tt
     >>> conv = tt.wrap(torch.nn.Conv2d(3, 16, 3, padding=1), lam=0.1)
+    >>> tt.wrap_first_layer(model, images, lam=0.1)  # finds the layer, wraps it in place
+    'conv1'
 
 Outputs, input and bias gradients are the plain layer's: an identity autograd node on the
 output owns the weight and turns G = dL/dz into TrAct's weight gradient.
@@ -23,9 +25,12 @@ with requires("torch", "PyTorch"):
 
 import tract_core as _tc
 from tract_core import _args
+from tract_core import _torch_accumulate as _accumulate
+from tract_core import _torch_adopt as _adopt
+from tract_core._torch_accumulate import discard, finalize
 
-__all__ = ["TrActConv1d", "TrActConv2d", "TrActConv3d", "TrActLinear", "conv", "linear",
-           "unwrap", "wrap"]
+__all__ = ["TrAct", "TrActConv1d", "TrActConv2d", "TrActConv3d", "TrActLinear", "conv",
+           "discard", "finalize", "linear", "unwrap", "wrap", "wrap_first_layer"]
 
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -93,25 +98,31 @@ class _TrActGrads(torch.autograd.Function):
     """Identity on the output z whose backward gives the weight TrAct's gradient (per vmap call)."""
 
     @staticmethod
-    def forward(z, weight, x, spec):
+    def forward(z, weight, x, spec, statistics):
         return z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, weight, x, ctx.spec = inputs
+        z, weight, x, ctx.spec, statistics = inputs
+        ctx.accumulating = statistics is not None
         ctx.mark_dirty(z)  # z itself, not a view: in-place ops after it (ReLU) work
         ctx.save_for_backward(weight, x)
 
     @staticmethod
-    def vmap(info, in_dims, z, weight, x, spec):
+    def vmap(info, in_dims, z, weight, x, spec, statistics):
         return z, in_dims[0]
 
     @staticmethod
     def backward(ctx, grad_z):
         (weight, x), spec = ctx.saved_tensors, ctx.spec
-        grad_w = grad_x = None
-        if ctx.needs_input_grad[1]:
-            weight_grad = _weight_grad_op if torch.compiler.is_compiling() else _weight_grad
+        grad_w = grad_x = statistics = None
+        compiling = torch.compiler.is_compiling()
+        if ctx.accumulating:  # the sums go to the statistics; the weight's wait for finalize
+            statistics = (_accumulate.statistics_op if compiling else _accumulate.statistics)(
+                x, grad_z, weight, *spec[3:-1])
+            grad_w = torch.zeros_like(weight)
+        elif ctx.needs_input_grad[1]:
+            weight_grad = _weight_grad_op if compiling else _weight_grad
             grad_w = weight_grad(x, grad_z, weight, *spec[:-1])
         if torch.is_grad_enabled() and ctx.needs_input_grad[2]:  # create_graph=True
             # Zero whose derivative in W is that of dx = dz/dx^T G (the layer's node has it
@@ -119,10 +130,10 @@ class _TrActGrads(torch.autograd.Function):
             _, vjp = torch.func.vjp(lambda xs: spec.plain_forward(xs, weight), x.detach())
             (dx,) = vjp(grad_z.detach())
             grad_x = dx - dx.detach()
-        return grad_z, grad_w, grad_x, None
+        return grad_z, grad_w, grad_x, None, statistics
 
 
-def _apply(x, weight, bias, spec):
+def _apply(x, weight, bias, spec, statistics=None):
     """The plain forward, and TrAct's node on its output if the weight wants a gradient."""
     # Under torch.func, a weight only an outer transform differentiates has no requires_grad.
     transforms = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
@@ -132,7 +143,7 @@ def _apply(x, weight, bias, spec):
     if z.is_complex():
         raise TypeError(f"TrAct's weight gradient needs real floating point tensors; got "
                         f"weight of dtype {weight.dtype} and input of dtype {x.dtype}")
-    return _TrActGrads.apply(z, weight, x, spec)
+    return _TrActGrads.apply(z, weight, x, spec, statistics)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -171,6 +182,13 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
         Input and bias gradients are the plain layer's, as for `linear`.
     """
+    return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, lam, sync,
+                 process_group)
+
+
+def _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, lam, sync,
+          process_group, statistics=None):
+    """`conv`; ``statistics``: an accumulating layer's sums (see _torch_accumulate)."""
     lam, d = _tc.check_lam(lam), weight.ndim - 2
     if d not in _CONV:
         raise ValueError(f"weight must have shape (M, C/groups, *kernel) with 1-3 spatial "
@@ -189,48 +207,121 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, pad, padding = nn.functional.pad(x, pad, mode=padding_mode), (), 0
     group = "" if process_group is None else process_group.group_name
     spec = _Spec(lam, bool(sync), group, pad, stride, dilation, groups, padding)
-    z = _apply(x, weight, bias, spec)
+    z = _apply(x, weight, bias, spec, statistics)
     return z[0] if unbatched else z
 
 
 class _TrAct:
     """Mixin: TrAct layers are their plain layer plus ``lam``, ``sync``, ``process_group``."""
 
-    lam: float = 0.1  # defaults for layers built directly, e.g. TrActConv2d(3, 64, 3)
-    sync: bool = False
-    process_group: object = None
+    lam: float
+    sync: bool
+    process_group: torch.distributed.ProcessGroup | None
+    accumulate: bool = False
+    _statistics: torch.Tensor | None = None  # accumulate=True: the sums, see finalize
+
+    def __init__(self, *args: typing.Any, lam: float = 0.1, sync: bool = False,
+                 process_group: torch.distributed.ProcessGroup | None = None,
+                 accumulate: bool = False, **kwargs: typing.Any) -> None:
+        lam = _tc.check_lam(lam)
+        super().__init__(*args, **kwargs)
+        self.lam, self.sync, self.process_group = lam, bool(sync), process_group
+        self.accumulate = bool(accumulate)
+        if self.accumulate:
+            _accumulate.attach(self)
+
+    def _apply(self, fn, recurse=True):
+        if self.accumulate:
+            _accumulate.check_not_pending(self)  # before the weight moves, not after
+        out = super()._apply(fn, recurse)
+        if self.accumulate:  # the sums follow the weight to its new device or dtype
+            _accumulate.attach(self)
+        return out
+
+    def __setstate__(self, state):  # copies and unpickled layers: the optimizer checks them
+        super().__setstate__(state)
+        if self.accumulate:
+            _accumulate.register(self)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, lam={self.lam}" + (", sync=True" if self.sync else "")
+        return (f"{super().extra_repr()}, lam={self.lam}" + (", sync=True" if self.sync else "")
+                + (", accumulate=True" if self.accumulate else ""))
 
     def forward(self, x):
-        tract = {"lam": self.lam, "sync": self.sync, "process_group": self.process_group}
+        statistics = None
+        if self.accumulate and torch.is_grad_enabled() and self.weight.requires_grad:
+            statistics = self._statistics
+        group = "" if self.process_group is None else self.process_group.group_name
         if isinstance(self, nn.Linear):
-            return linear(x, self.weight, self.bias, **tract)
-        return conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, groups=self.groups,
-                    padding_mode=self.padding_mode, **tract)
+            spec = _Spec(self.lam, self.sync, group)
+            return _apply(x, self.weight, self.bias, spec, statistics)
+        return _conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                     self.groups, self.padding_mode, self.lam, self.sync, self.process_group,
+                     statistics)
 
 
 class TrActLinear(_TrAct, nn.Linear):
-    """``nn.Linear`` with TrAct's weight gradient. x: (..., in_features)."""
+    """``nn.Linear`` with TrAct's weight gradient. x: (..., in_features).
+
+    ``TrActLinear(48, 96, lam=0.1)``:
+    nn.Linear's arguments, and ``lam``, ``sync``, ``process_group`` by keyword (as for
+    `wrap`).
+    """
 
 
 class TrActConv1d(_TrAct, nn.Conv1d):
-    """``nn.Conv1d`` with TrAct's weight gradient. x: (N, C, L) or (C, L)."""
+    """``nn.Conv1d`` with TrAct's weight gradient. x: (N, C, L) or (C, L).
+
+    ``TrActConv1d(1, 32, 9, stride=2, lam=0.1)``:
+    nn.Conv1d's arguments, and ``lam``, ``sync``, ``process_group`` by keyword (as for
+    `wrap`).
+    """
 
 
 class TrActConv2d(_TrAct, nn.Conv2d):
-    """``nn.Conv2d`` with TrAct's weight gradient. x: (N, C, H, W) or (C, H, W)."""
+    """``nn.Conv2d`` with TrAct's weight gradient. x: (N, C, H, W) or (C, H, W).
+
+    ``TrActConv2d(3, 64, 7, stride=2, padding=3, bias=False, lam=0.05)``:
+    nn.Conv2d's arguments, and ``lam``, ``sync``, ``process_group`` by keyword (as for
+    `wrap`).
+    """
 
 
 class TrActConv3d(_TrAct, nn.Conv3d):
-    """``nn.Conv3d`` with TrAct's weight gradient. x: (N, C, D, H, W) or (C, D, H, W)."""
+    """``nn.Conv3d`` with TrAct's weight gradient. x: (N, C, D, H, W) or (C, D, H, W).
+
+    ``TrActConv3d(3, 32, (2, 7, 7), stride=(1, 2, 2), lam=0.1)``:
+    nn.Conv3d's arguments, and ``lam``, ``sync``, ``process_group`` by keyword (as for
+    `wrap`).
+    """
 
 
-_PLAIN_TO_TRACT = {nn.Linear: TrActLinear, nn.Conv1d: TrActConv1d, nn.Conv2d: TrActConv2d,
-                   nn.Conv3d: TrActConv3d}
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Plain layer class (nn.Linear, nn.ConvNd or an accepted subclass) <-> its TrAct class.
+_PLAIN_TO_TRACT = dict(zip(_PLAIN, (TrActLinear, TrActConv1d, TrActConv2d, TrActConv3d)))
 _TRACT_TO_PLAIN = {tract: plain for plain, tract in _PLAIN_TO_TRACT.items()}
+
+
+def _new_twin(plain_cls):
+    """An empty instance of ``plain_cls``'s TrAct class (pickle and deepcopy fill it)."""
+    cls = _tract_class(plain_cls)
+    return cls.__new__(cls)
+
+
+def _reduce_twin(self, protocol):
+    return _new_twin, (_TRACT_TO_PLAIN[type(self)],), self.__dict__
+
+
+def _tract_class(plain_cls):
+    """The TrAct class of a plain layer class; for a subclass of nn.Conv2d (say), made once:
+    a subclass of both TrActConv2d and it, whose forward is TrActConv2d's."""
+    if plain_cls not in _PLAIN_TO_TRACT:
+        base = next(c for c in plain_cls.__mro__ if c in _PLAIN)
+        cls = type(f"TrAct{plain_cls.__name__}", (_PLAIN_TO_TRACT[base], plain_cls),
+                   {"__module__": __name__, "__reduce_ex__": _reduce_twin,
+                    "__doc__": f"``{plain_cls.__name__}`` with TrAct's weight gradient."})
+        _PLAIN_TO_TRACT[plain_cls], _TRACT_TO_PLAIN[cls] = cls, plain_cls
+    return _PLAIN_TO_TRACT[plain_cls]
 
 
 def _rebuild(module, cls, drop=()):
@@ -242,35 +333,117 @@ def _rebuild(module, cls, drop=()):
 
 
 def wrap(layer: nn.Module, lam: float = 0.1, sync: bool = False,
-         process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:
+         process_group: torch.distributed.ProcessGroup | None = None,
+         accumulate: bool = False) -> nn.Module:
     """TrAct twin of ``layer``: same Parameters, state_dict keys and forward.
 
     Args:
         layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` with any options, or a TrAct layer to
-            re-wrap with new settings.
+            re-wrap with new settings. A subclass is accepted where its forward is provably
+            the plain one: neither its class nor the instance defines ``forward``,
+            ``_conv_forward`` or an attribute the forward reads. Refused with a TypeError
+            saying why: subclasses that do (timm's ``StdConv2d``), parametrized layers
+            (``weight_norm``, ``spectral_norm``, pruning) and lazy layers before their
+            first forward.
         lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
         sync, process_group: with data parallelism (DDP, FSDP), all-reduce the n x n Gram
             and the row count over the group (None: the world) in backward, like
             SyncBatchNorm: the averaged gradient is then the full-batch one. Without
             torch.distributed initialized, each replica uses its own rows.
+        accumulate: exact gradient accumulation over micro-batches: each backward adds
+            its ``G^T X``, ``X^T X`` and row count to the layer's sums (float64) and gives
+            the weight a zero gradient; `finalize` then writes the union batch's TrAct
+            gradient, and ``optimizer.step()`` raises until it has. Under data
+            parallelism it needs ``sync=True`` (`finalize` all-reduces once).
 
     Returns:
-        A ``TrActLinear``/``TrActConvNd`` (a subclass of the layer's class) whose weight
+        A ``TrActLinear``/``TrActConvNd`` (for a subclass ``C`` of nn.Conv2d, say, a
+        class ``TrActC`` derived from both ``C`` and ``TrActConv2d``) whose weight
         gradient is ``G^T X (X^T X / b + lam I)^-1``, b = batch x output positions.
     """
     lam = _tc.check_lam(lam)
-    cls = _PLAIN_TO_TRACT.get(type(layer), type(layer))
-    if cls not in _TRACT_TO_PLAIN:
-        names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN_TO_TRACT)
-        raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")
-    twin = _rebuild(layer, cls)
+    if isinstance(layer, _TrAct):
+        cls = type(layer)
+    else:
+        base = next((c for c in type(layer).__mro__ if c in _PLAIN), None)
+        if base is None:
+            names = ", ".join(f"nn.{c.__name__}" for c in _PLAIN)
+            raise TypeError(f"wrap() supports {names} and their subclasses; got layer of type "
+                            f"{type(layer).__name__}")
+        _adopt.check_plain_forward(layer, base)
+        cls = _tract_class(type(layer))
+    _accumulate.check_not_pending(layer)
+    twin = _rebuild(layer, cls, drop=("_statistics",))
     twin.lam, twin.sync, twin.process_group = lam, bool(sync), process_group
+    twin.accumulate = bool(accumulate)
+    if twin.accumulate:
+        _accumulate.attach(twin)
     return twin
 
 
+def TrAct(layer: nn.Module, l: float = 0.1) -> nn.Module:  # noqa: E741
+    """The official implementation's call, ``TrAct(layer, l=0.1)``: ``wrap(layer, lam=l)``.
+
+    Accepts everything `wrap` accepts (``nn.Conv1d/3d`` and subclasses too).
+    """
+    return wrap(layer, lam=l)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The plain layer (``nn.Linear``/``nn.ConvNd``) of a TrAct layer, same Parameters."""
+    """The plain layer (``nn.Linear``/``nn.ConvNd``, or the subclass that was wrapped) of
+    a TrAct layer, same Parameters."""
     cls = _TRACT_TO_PLAIN.get(type(module))
     if cls is None:
         raise TypeError(f"unwrap() takes a layer made by wrap(); got {type(module).__name__}")
-    return _rebuild(module, cls, drop=("lam", "sync", "process_group"))
+    _accumulate.check_not_pending(module)
+    return _rebuild(module, cls, drop=("lam", "sync", "process_group", "accumulate",
+                                       "_statistics"))
+
+
+def wrap_first_layer(model: nn.Module, example_input: object = None, lam: float = 0.1, *,
+                     sync: bool = False,
+                     process_group: torch.distributed.ProcessGroup | None = None) -> str:
+    """Wraps the layer that first consumes the input, in place, and returns its path.
+
+        >>> path = tt.wrap_first_layer(model, torch.randn(2, 3, 224, 224), lam=0.1)
+        >>> path
+        'conv1'
+
+    The layer is timm's ``model.pretrained_cfg['first_conv']`` where the model has one
+    (no forward is run). Otherwise one forward of ``example_input`` (eval mode, no
+    gradients, every module's mode restored) finds the first leaf module with a weight or
+    a trainable parameter that it calls: module names play no part. Other modules on the
+    way (``nn.Identity``, ``nn.Dropout``, ``nn.Flatten``, pooling, a fixed mean/std
+    standardization) are passed over, and so are functional ops in the model's forward:
+    they are the model's preprocessing. A layer that is already a TrAct layer is
+    re-wrapped with the given settings.
+
+    Args:
+        model: the model, built and on its device; wrap before ``torch.compile`` or DDP.
+        example_input: one input batch (a few examples suffice): a tensor, a tuple of
+            positional arguments, or a dict of keyword arguments. Not needed for timm
+            models with ``pretrained_cfg['first_conv']``.
+        lam, sync, process_group: as for `wrap`.
+
+    Returns:
+        The layer's dotted path in ``model`` (``"conv1"``, ``"patch_embed.proj"``,
+        ``"0"`` in an ``nn.Sequential``); ``model.get_submodule(path)`` is the TrAct layer.
+        A layer held at several paths is replaced at each of them.
+
+    Raises:
+        TypeError: the first layer is no layer `wrap` accepts (e.g. ``nn.ConvTranspose2d``,
+            a weight-standardized conv), or a normalisation (BatchNorm, LayerNorm,
+            GroupNorm, InstanceNorm, LocalResponseNorm, RMSNorm) comes before it; the
+            message names the layer's path and class.
+        ValueError: no example input where one is needed, no layer with a weight or a
+            trainable parameter is called, the model is itself the layer, or
+            ``first_conv`` names no submodule.
+    """
+    lam = _tc.check_lam(lam)
+    path, layer = _adopt.first_layer(model, example_input)
+    try:
+        twin = wrap(layer, lam, sync, process_group)
+    except TypeError as error:
+        raise TypeError(f"first layer {path!r}: {error}") from None
+    _adopt.replace(model, layer, twin)
+    return path

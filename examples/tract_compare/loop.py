@@ -17,7 +17,6 @@ import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 
 def limit_cpu_threads(threads: int) -> bool:
@@ -78,6 +77,8 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def progress_bar(method: str, seed: int, epochs: int, total: int, progress: bool):
     """The run's tqdm bar over all its steps (shown only where stderr is a terminal)."""
+    from tqdm import tqdm  # imported when training: --help needs only numpy
+
     return tqdm(total=total, disable=None if progress else True,
                 desc=f"{method} seed {seed} ({epochs} ep)", unit="step", leave=False)
 

@@ -463,20 +463,19 @@ def eqx_receptive_fields(eqx, conv, dims, options, x):
     return np.moveaxis(fields.reshape(*fields.shape[:2], -1), 1, -1).reshape(-1, n_all)
 
 
-@pytest.mark.parametrize("index", range(len(EQX_CONVS)))
-def test_equinox_recipe_matches_the_plain_layer(index):
-    """Vmapped over a batch and jitted, as Equinox runs it: forward, input and bias
-    gradients bitwise eqx.nn.Conv's; the weight gradient TrAct's over the whole batch
-    (against a float64 reference from the plain layer's own receptive fields)."""
-    need("equinox")
+def check_eqx_conv(index, make, weight_of, modes=("jit", "eager")):
+    """Vmapped over a batch, as Equinox runs it: forward, input and bias gradients bitwise
+    eqx.nn.Conv's; the weight gradient TrAct's over the whole batch (against a float64
+    reference from the plain layer's own receptive fields). ``make(conv)`` is the TrAct
+    layer, ``weight_of(grads)`` its weight gradient; eager runs in every other case only
+    (op by op it is slow)."""
     import equinox as eqx
 
     dims, c_in, c_out, kernel, spatial, options = EQX_CONVS[index]
     dtype = "float64" if index % 3 == 0 else "float32"  # one compile per geometry
-    example = load_example("equinox_example")
     conv = eqx.nn.Conv(dims, c_in, c_out, kernel, dtype=jnp.dtype(dtype),
                        key=jax.random.key(1), **options)
-    layer = example.TrActConv(conv, lam=0.1)
+    layer = make(conv)
     rng = np.random.default_rng(dims)
     x = jnp.asarray(rng.standard_normal((2, c_in, *spatial)), dtype)
     g = jnp.asarray(rng.standard_normal(jax.eval_shape(jax.vmap(conv), x).shape), dtype)
@@ -487,18 +486,18 @@ def test_equinox_recipe_matches_the_plain_layer(index):
             return jnp.sum(jax.vmap(model)(x) * g)
         return jax.vmap(model)(x), *eqx.filter_grad(loss)((model, x))
 
-    # Jitted, and eager in every other case (op by op it is slow): XLA fuses the jitted
-    # sums alike where eager ops differ.
-    modes = [("jit", eqx.filter_jit(run))] + ([("eager", run)] if index % 2 else [])
-    for mode, fn in modes:
-        z_plain, grads_plain, gx_plain = fn(conv, x)
-        z, grads, gx = fn(layer, x)
+    # XLA fuses the jitted sums alike where eager ops differ.
+    runs = {"jit": eqx.filter_jit(run), "eager": run}
+    for mode in [m for m in modes if m == "jit" or index % 2]:
+        z_plain, grads_plain, gx_plain = runs[mode](conv, x)
+        z, grads, gx = runs[mode](layer, x)
         assert z.dtype == z_plain.dtype and np.array_equal(z, z_plain), mode
         assert np.array_equal(gx, gx_plain), mode
+        bias_grad = getattr(grads, "conv", grads).bias
         if conv.use_bias:
-            assert np.array_equal(grads.conv.bias, grads_plain.bias), mode
+            assert np.array_equal(bias_grad, grads_plain.bias), mode
         else:
-            assert grads.conv.bias is None
+            assert bias_grad is None
 
     rows = eqx_receptive_fields(eqx, conv, dims, options, x)
     groups = options.get("groups", 1)
@@ -511,9 +510,18 @@ def test_equinox_recipe_matches_the_plain_layer(index):
         gg = grad_rows[:, group * m_g:(group + 1) * m_g]
         b, n = xg.shape
         expected = np.linalg.solve(xg.T @ xg / b + 0.1 * np.eye(n), xg.T @ gg).T
-        got = np.asarray(grads.conv.weight[group * m_g:(group + 1) * m_g], np.float64)
+        got = np.asarray(weight_of(grads)[group * m_g:(group + 1) * m_g], np.float64)
         assert_close(got.reshape(m_g, -1), expected, 1e-9 if dtype == "float64" else 2e-5,
                      f"group {group}")
+
+
+@pytest.mark.parametrize("index", range(len(EQX_CONVS)))
+def test_equinox_recipe_matches_the_plain_layer(index):
+    """The example's TrActConv, jitted and eager, on every eqx.nn.Conv option."""
+    need("equinox")
+    example = load_example("equinox_example")
+    check_eqx_conv(index, lambda conv: example.TrActConv(conv, lam=0.1),
+                   lambda grads: grads.conv.weight)
 
 
 def test_equinox_recipe_refuses_other_modules_and_shapes_and_takes_empty_batches():
@@ -537,3 +545,259 @@ def test_equinox_recipe_refuses_other_modules_and_shapes_and_takes_empty_batches
         lambda m: jnp.sum(jax.vmap(m)(jnp.ones((0, 3, 5, 5), jnp.float32)) ** 2)))(layer)
     assert np.array_equal(grads.conv.weight, np.zeros(conv.weight.shape))
     assert np.array_equal(grads.conv.bias, np.zeros(conv.bias.shape))
+
+
+# --------------------------------------------------------------------------- first layer
+
+
+class NNXStem(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.bn(self.conv(x)))
+
+
+class NNXResNet(nnx.Module):
+    """The head defined first and called last: the order of a forward, not of attributes."""
+
+    def __init__(self, rngs):
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+        self.stem = NNXStem(rngs)
+        self.blocks = nnx.List([nnx.Conv(4, 4, (3, 3), rngs=rngs)])
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + jax.nn.relu(block(x))
+        return self.head(self.drop(x, deterministic=not train).mean(axis=(1, 2)))
+
+
+class NNXViT(nnx.Module):
+    """4x4 patches, a class token and position embeddings (Params of the model itself,
+    called before nothing), one attention block, a head on the class token."""
+
+    def __init__(self, rngs):
+        self.cls_token = nnx.Param(jnp.asarray(
+            np.random.default_rng(0).standard_normal((1, 1, 6))))
+        self.pos_embed = nnx.Param(jnp.zeros((1, 5, 6)))
+        self.patch_embed = nnx.Conv(3, 6, (4, 4), strides=4, padding="VALID",
+                                    param_dtype=jnp.float64, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(2, 6, param_dtype=jnp.float64,
+                                                decode=False, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, param_dtype=jnp.float64, rngs=rngs)
+        self.head = nnx.Linear(6, 3, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, images):
+        tokens = self.patch_embed(images).reshape(images.shape[0], -1, 6)
+        cls = jnp.broadcast_to(self.cls_token[...], (images.shape[0], 1, 6))
+        tokens = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
+        normed = self.norm(tokens)
+        tokens = tokens + self.attention(normed, normed)
+        return self.head(tokens[:, 0])
+
+
+def test_nnx_wrap_first_layer_follows_the_forward_and_leaves_the_rest():
+    model = NNXResNet(nnx.Rngs(0))
+    before = nnx.state(model)
+    kernel = model.stem.conv.kernel
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)  # only shapes matter
+    assert tflax.wrap_first_layer(model, {"x": x, "train": True}, lam=0.2) == "stem.conv"
+    assert type(model.stem.conv) is tflax.TrActConv and model.stem.conv.lam == 0.2
+    assert model.stem.conv.kernel is kernel  # the same Param: optimizer state still fits
+    after = nnx.state(model)
+    assert jax.tree.structure(after) == jax.tree.structure(before)
+    # Traced on a copy: batch statistics and RNG counts are as they were.
+    def values(leaf):
+        return jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) \
+            else leaf
+
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        assert np.array_equal(values(a), values(b))
+    sequential = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jax.nn.relu)
+    assert tflax.wrap_first_layer(sequential, (jnp.ones((2, 3)),)) == "layers.0"  # args
+    assert type(sequential.layers[0]) is tflax.TrActLinear
+
+
+def test_nnx_wrap_first_layer_gives_the_vit_patch_embedding_tracts_gradient():
+    """Float64: the patch embedding's kernel gradient is (G^T X)(X^T X / b + lam I)^-1
+    from the plain model's gradient G^T X and the patches X; every other gradient, the
+    forward and the input gradient are the plain model's."""
+    model = NNXViT(nnx.Rngs(0))
+    plain = nnx.clone(model)
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)))
+    grad_z = jnp.asarray(rng.standard_normal((3, 3)))
+    assert tflax.wrap_first_layer(model, images) == "patch_embed"
+    (z_p, grads_p, gx_p), (z, grads, gx) = outputs_and_grads((plain, model), images, grad_z)
+    assert_close(z, z_p, 1e-12, "z")
+    assert_close(gx, gx_p, 1e-12, "grad_x")
+    flat, flat_p = nnx.to_flat_state(grads), nnx.to_flat_state(grads_p)
+    assert [path for path, _ in flat] == [path for path, _ in flat_p]
+    for (path, g), (_, g_p) in zip(flat, flat_p, strict=True):
+        if path != ("patch_embed", "kernel"):
+            assert_close(g[...], g_p[...], 1e-10, str(path))
+    # Disjoint 4x4 patches: the rows are the reshaped pixels, (kh, kw, c) order.
+    rows = np.asarray(images).reshape(3, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+    rows = rows.reshape(-1, 48)
+    plain_grad = np.asarray(grads_p["patch_embed"]["kernel"][...]).reshape(48, 6)
+    gram = rows.T @ rows / rows.shape[0] + 0.1 * np.eye(48)
+    expected = np.linalg.solve(gram, plain_grad)
+    got = np.asarray(grads["patch_embed"]["kernel"][...]).reshape(48, 6)
+    assert_close(got, expected, 1e-9, "patch_embed kernel grad")
+    assert np.linalg.norm(plain_grad - expected) > 1e-2 * np.linalg.norm(expected)
+
+
+class NormFirst(nnx.Module):
+    def __init__(self, norm, rngs):
+        self.norm = norm
+        self.layers = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=rngs), jax.nn.relu)
+
+    def __call__(self, x):
+        return self.layers(self.norm(x))
+
+
+def test_nnx_wrap_first_layer_names_what_it_cannot_wrap():
+    rngs, x = nnx.Rngs(0), jnp.ones((2, 6, 6, 3), jnp.float32)
+    for norm in (nnx.BatchNorm(3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs),
+                 nnx.LayerNorm(3, use_scale=False, use_bias=False, rngs=rngs)):  # no params
+        model = NormFirst(norm, rngs)
+        message = (rf"normalises its input with model\.norm \(nnx\.{type(norm).__name__}\)"
+                   rf".*model\.layers\.layers\[0\] = tract_core\.flax\.wrap")
+        with pytest.raises(TypeError, match=message):
+            tflax.wrap_first_layer(model, x)
+        assert type(model.layers.layers[0]) is nnx.Conv  # untouched
+    model = NormFirst(nnx.ConvTranspose(3, 3, (3, 3), rngs=rngs), rngs)
+    with pytest.raises(TypeError, match=r"first layer model\.norm \(ConvTranspose\) is not"):
+        tflax.wrap_first_layer(model, x)
+    with pytest.raises(ValueError, match=r"itself an nnx\.Conv: use wrap"):
+        tflax.wrap_first_layer(nnx.Conv(3, 2, (3, 3), rngs=rngs), x)
+    with pytest.raises(ValueError, match="called no layer"):
+        tflax.wrap_first_layer(nnx.Sequential(jax.nn.relu), x)
+    with pytest.raises(ValueError, match="lam"):
+        tflax.wrap_first_layer(NNXResNet(rngs), x, lam=0)
+
+
+# --------------------------------------------------------------------------- Equinox
+
+
+@pytest.mark.parametrize("index", [0, 2, 6])
+def test_equinox_conv_matches_the_plain_layer_but_for_the_weight_grad(index):
+    """tract_core.equinox.wrap's twin, jitted, on a few eqx.nn.Conv options (the example's
+    recipe, the same code, is checked on all of them above)."""
+    need("equinox")
+    import tract_core.equinox as teqx
+
+    check_eqx_conv(index, lambda conv: teqx.wrap(conv, lam=0.1), lambda grads: grads.weight,
+                   modes=("jit",))
+
+
+def test_equinox_linear_matches_the_plain_layer_but_for_the_weight_grad():
+    """Vmapped over the batch and jitted, float64: the forward, input and bias gradients
+    are eqx.nn.Linear's, the weight gradient TrAct's over the whole batch."""
+    eqx = need("equinox")
+    import tract_core.equinox as teqx
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((7, 5)))
+    g = jnp.asarray(rng.standard_normal((7, 3)))
+    plain = eqx.nn.Linear(5, 3, dtype=jnp.float64, key=jax.random.key(0))
+    tract = teqx.TrActLinear(5, 3, dtype=jnp.float64, lam=0.2, key=jax.random.key(0))
+    assert isinstance(tract, eqx.nn.Linear) and tract.lam == 0.2
+    assert np.array_equal(tract.weight, plain.weight)  # the same init
+
+    @eqx.filter_jit
+    def run(model):
+        def loss(model, x):
+            return jnp.sum(jax.vmap(model)(x) * g)
+        return (jax.vmap(model)(x), eqx.filter_grad(loss)(model, x),
+                jax.grad(lambda x: loss(model, x))(x))
+
+    z_p, grads_p, gx_p = run(plain)
+    z, grads, gx = run(tract)
+    assert_close(z, z_p, 1e-14, "z")
+    assert_close(gx, gx_p, 1e-14, "grad_x")
+    assert np.array_equal(grads.bias, grads_p.bias)
+    xs, gs = np.asarray(x), np.asarray(g)
+    expected = np.linalg.solve(xs.T @ xs / 7 + 0.2 * np.eye(5), xs.T @ gs).T  # (out, in)
+    assert_close(grads.weight, expected, 1e-12, "weight grad")
+    assert_close(grads_p.weight, gs.T @ xs, 1e-12)  # the plain one: G^T X, far from it
+    # 'scalar' features, as eqx.nn.Linear takes them.
+    scalar = teqx.TrActLinear("scalar", "scalar", dtype=jnp.float64, key=jax.random.key(1))
+    plain = eqx.nn.Linear("scalar", "scalar", dtype=jnp.float64, key=jax.random.key(1))
+    assert scalar(jnp.asarray(0.5)).shape == () and np.isclose(scalar(jnp.asarray(0.5)),
+                                                               plain(jnp.asarray(0.5)))
+
+
+def test_equinox_wrap_keeps_the_arrays_and_refuses_other_layers():
+    eqx = need("equinox")
+    import tract_core.equinox as teqx
+
+    key = jax.random.key(0)
+    conv = eqx.nn.Conv2d(3, 4, 3, stride=2, padding="SAME", padding_mode="REFLECT",
+                         dtype=jnp.float32, key=key)
+    twin = teqx.wrap(conv, lam=0.2)
+    assert type(twin) is teqx.TrActConv2d and isinstance(twin, eqx.nn.Conv2d)
+    assert twin.weight is conv.weight and twin.bias is conv.bias and twin.lam == 0.2
+    assert (twin.stride, twin.padding, twin.padding_mode) == (conv.stride, conv.padding,
+                                                              conv.padding_mode)
+    # The same leaves (lam is static): a plain checkpoint loads into the TrAct model.
+    assert jax.tree.leaves(twin) == jax.tree.leaves(conv)
+    image = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7, 7)), jnp.float32)
+    assert np.array_equal(twin(image), conv(image))
+    assert teqx.wrap(twin, lam=0.05).lam == 0.05 and twin.lam == 0.2
+    for plain, cls, args in [(eqx.nn.Conv1d, teqx.TrActConv1d, (2, 2, 3)),
+                             (eqx.nn.Conv3d, teqx.TrActConv3d, (2, 2, 3)),
+                             (eqx.nn.Conv, teqx.TrActConv, (2, 2, 2, 3)),
+                             (eqx.nn.Linear, teqx.TrActLinear, (2, 3))]:
+        assert type(teqx.wrap(plain(*args, key=key))) is cls
+        built = cls(*args, lam=0.3, key=key)  # the plain layer's init, and lam
+        assert isinstance(built, plain) and built.lam == 0.3
+        assert np.array_equal(built.weight, plain(*args, key=key).weight)
+    for module in (eqx.nn.ConvTranspose2d(3, 4, 3, key=key), eqx.nn.LayerNorm(3),
+                   eqx.nn.MLP(2, 2, 4, 1, key=key)):
+        with pytest.raises(TypeError, match=type(module).__name__):
+            teqx.wrap(module)
+    with pytest.raises(ValueError, match="lam"):
+        teqx.wrap(conv, lam=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        teqx.TrActConv2d(3, 4, 3, lam=-1.0, key=key)
+    with pytest.raises(ValueError, match=r"x must have shape \(in_channels"):
+        twin(jnp.ones((2, 3, 7, 7), jnp.float32))  # a batch: vmap the layer instead
+
+
+def test_equinox_wrap_first_layer_follows_the_forward():
+    eqx = need("equinox")
+    import tract_core.equinox as teqx
+
+    class Net(eqx.Module):
+        head: eqx.nn.Linear  # defined first, called last
+        layers: list
+
+        def __init__(self, first, key):
+            self.head = eqx.nn.Linear(4, 2, key=key)
+            self.layers = [first, eqx.nn.Conv2d(3, 4, 3, key=key)]
+
+        def __call__(self, image, *, scale=1.0):
+            for layer in self.layers:
+                image = layer(image)
+            return self.head(scale * image.mean(axis=(1, 2)))
+
+    key = jax.random.key(0)
+    model = Net(eqx.nn.Lambda(jnp.tanh), key)  # no arrays: not a layer
+    image = jax.ShapeDtypeStruct((3, 8, 8), jnp.float64)  # the layers' default dtype (x64)
+    new, path = teqx.wrap_first_layer(model, {"image": image, "scale": 2.0}, 0.2)
+    assert path == "layers.1" and type(new.layers[1]) is teqx.TrActConv2d
+    assert new.layers[1].lam == 0.2 and new.layers[1].weight is model.layers[1].weight
+    assert type(model.layers[1]) is eqx.nn.Conv2d  # immutable: a new model
+    with pytest.raises(TypeError, match=r"normalises its input with 'layers\.0' \(GroupNorm\)"
+                                        r".*'layers\.1'"):
+        teqx.wrap_first_layer(Net(eqx.nn.GroupNorm(1, 3), key), image)
+    with pytest.raises(TypeError, match=r"'layers\.0' \(ConvTranspose2d\) is not"):
+        teqx.wrap_first_layer(Net(eqx.nn.ConvTranspose2d(3, 3, 1, key=key), key), image)
+    with pytest.raises(ValueError, match=r"itself an eqx\.nn\.Conv2d: use wrap"):
+        teqx.wrap_first_layer(model.layers[1], image)
+    with pytest.raises(ValueError, match="called no layer"):
+        teqx.wrap_first_layer(eqx.nn.Lambda(jnp.tanh), image)

@@ -476,3 +476,231 @@ def test_imports_only_the_active_backends_adapter():
     before, after = json.loads(result.stdout.strip().splitlines()[-1])
     assert before == []
     assert after == [tk._ADAPTERS[BACKEND]]
+
+
+# --------------------------------------------------------------------------- unwrap
+
+
+def test_unwrap_gives_the_plain_layer_with_the_same_config_and_weights():
+    tract = tk.TrActConv2D(4, 3, strides=2, padding="same", lam=0.2, name="stem")
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype(np.float32)
+    z = keras.ops.convert_to_numpy(tract(x))
+    plain = tk.unwrap(tract)
+    assert type(plain) is keras.layers.Conv2D and plain.built
+    config = {k: v for k, v in tract.get_config().items() if k not in ("lam", "sync")}
+    assert plain.get_config() == config
+    for a, b in zip(plain.get_weights(), tract.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(plain(x)), z)
+    dense = tk.unwrap(tk.TrActDense(3, lam=0.1))  # not built: config only
+    assert type(dense) is keras.layers.Dense and not dense.built
+    with pytest.raises(TypeError, match="got layer of type Conv2D"):
+        tk.unwrap(plain)
+
+
+# --------------------------------------------------------------------------- first layer
+
+
+@pytest.fixture
+def float64_layers():
+    """Inputs and layers in float64 (floatx, the dtype policy) for the test."""
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
+
+
+@keras.saving.register_keras_serializable(package="tract_core_tests")
+class ClassToken(keras.layers.Layer):
+    """Prepends a learned token to (N, T, D) tokens, as a ViT's class token."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="normal",
+                                     name="token")
+
+    def call(self, tokens):
+        batch = keras.ops.shape(tokens)[0]
+        token = keras.ops.broadcast_to(self.token, (batch, 1, tokens.shape[-1]))
+        return keras.ops.concatenate([keras.ops.cast(token, tokens.dtype), tokens], axis=1)
+
+
+def resnet_like(name="resnet"):
+    """Zero padding, a 3x3 stride-2 stem without bias, BN, a residual block, the head."""
+    x = keras.Input((8, 8, 3))
+    y = keras.layers.ZeroPadding2D(1)(x)
+    y = keras.layers.Conv2D(4, 3, strides=2, use_bias=False, name="stem")(y)
+    y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+    branch = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(y))
+    y = keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([y, branch]))
+    return keras.Model(x, keras.layers.Dense(3)(y), name=name)
+
+
+def vit_like():
+    """A 4x4 patch embedding, a class token, one token-mixing block, a head on the class
+    token. (Mixing by a Dense over the tokens, no norm: on JAX, Keras's attention and
+    LayerNormalization gradients are not float64-accurate, and the test is float64.)"""
+    x = keras.Input((8, 8, 3))
+    tokens = keras.layers.Reshape((4, 5))(
+        keras.layers.Conv2D(5, 4, strides=4, name="patch_embed")(x))
+    tokens = ClassToken()(tokens)
+    mixed = keras.layers.Dense(5, activation="tanh")(keras.layers.Permute((2, 1))(tokens))
+    tokens = tokens + keras.layers.Permute((2, 1))(mixed)
+    return keras.Model(x, keras.layers.Dense(3)(tokens[:, 0]))
+
+
+def mlp():
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dropout(0.1),
+                             keras.layers.Dense(4, activation="relu", name="first"),
+                             keras.layers.Dense(3)])
+
+
+def nested():
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Rescaling(0.5),
+                             resnet_like(), keras.layers.Dense(2)])
+
+
+FIRST_LAYER_MODELS = {  # builder, wrapped layer's path, x -> the wrapped layer's input
+    "sequential_mlp": (mlp, "first", lambda x: x),
+    "functional_resnet": (resnet_like, "stem",
+                          lambda x: np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])),
+    "functional_vit_class_token": (vit_like, "patch_embed", lambda x: x),
+    "nested_resnet": (nested, "resnet/stem",
+                      lambda x: np.pad(0.5 * x, [(0, 0), (1, 1), (1, 1), (0, 0)])),
+}
+
+
+def tract_kernel_grad(plain_grad, layer, layer_input, lam):
+    """(G^T X) (X^T X / b + lam I)^-1 from the plain model's kernel gradient G^T X and the
+    wrapped layer's input rows X (float64, numpy), in Keras layout."""
+    if plain_grad.ndim == 2:  # Dense: rows are the input vectors, kernel (n, m)
+        rows = layer_input
+        plain = plain_grad.T
+    else:
+        rows = tract_core.conv_patches(channels_first(layer_input), layer.kernel_size,
+                                       layer.strides, layer.dilation_rate, 1)[0]
+        plain = to_torch_weight(plain_grad).reshape(plain_grad.shape[-1], -1)
+    gram = rows.T @ rows / rows.shape[0] + lam * np.eye(rows.shape[1])
+    tract = np.linalg.solve(gram, plain.T).T  # gram is symmetric
+    if plain_grad.ndim == 2:
+        return tract.T
+    return to_keras_kernel(tract.reshape(to_torch_weight(plain_grad).shape))
+
+
+@pytest.mark.parametrize("name", FIRST_LAYER_MODELS)
+def test_wrap_first_layer_copies_the_model_with_a_tract_first_layer(name, float64_layers):
+    """The copy: the same weights and forward; the first layer's kernel gradient is
+    TrAct's (float64 reference from the plain model's gradient), every other gradient
+    the plain model's. The original model is left as it was."""
+    build, path, layer_input = FIRST_LAYER_MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer="sgd", loss="mse")
+    tract_model, wrapped = tk.wrap_first_layer(model, lam=0.2)
+    assert wrapped == path
+
+    def at(m):
+        for part in path.split("/"):
+            m = m.get_layer(part)
+        return m
+
+    first, plain_first = at(tract_model), at(model)
+    assert type(first) is tk._PLAIN_TO_TRACT[type(plain_first)] and first.lam == 0.2
+    assert tract_model.compiled  # from the compile config
+    assert [w.path for w in tract_model.weights] == [w.path for w in model.weights]
+    for a, b in zip(tract_model.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, *model.input_shape[1:]))
+    grad_z = rng.normal(size=(5, *model.output_shape[1:]))
+    z_p, gx_p, *grads_p = forward_backward(model, x, grad_z)
+    z, gx, *grads = forward_backward(tract_model, x, grad_z)
+    # Keras's torch backend computes float64 products in float32 (its result_type of two
+    # float64 torch tensors is float32): the plain model is float32-accurate there.
+    rtol = 1e-5 if BACKEND == "torch" else 1e-9
+    assert_close(z, z_p, rtol, "z")
+    assert_close(gx, gx_p, rtol, "grad_x")
+    kernel = [v.path for v in tract_model.trainable_variables].index(first.kernel.path)
+    for i, (g, g_p) in enumerate(zip(grads, grads_p, strict=True)):
+        if i != kernel:
+            assert_close(g, g_p, rtol, tract_model.trainable_variables[i].path)
+    expected = tract_kernel_grad(grads_p[kernel], first, layer_input(x), 0.2)
+    assert_close(grads[kernel], expected, rtol, "first layer kernel grad")
+    assert np.linalg.norm(grads_p[kernel] - expected) > 1e-2 * np.linalg.norm(expected)
+    assert type(at(model)) is type(plain_first)  # the original is untouched
+
+
+@pytest.mark.parametrize("norm", [
+    keras.layers.BatchNormalization(name="norm"), keras.layers.LayerNormalization(name="norm"),
+    keras.layers.Normalization(mean=0.5, variance=2.0, name="norm"),
+    keras.layers.UnitNormalization(name="norm"),  # no weights, still a normalisation
+], ids=lambda layer: type(layer).__name__)
+def test_wrap_first_layer_refuses_an_input_normalisation_and_names_it(norm):
+    x = keras.Input((6, 6, 3))
+    y = keras.layers.Conv2D(2, 3, name="conv")(norm(keras.layers.ZeroPadding2D(1)(x)))
+    model = keras.Model(x, keras.layers.Flatten()(y))
+    message = rf"normalises its input with 'norm' \({type(norm).__name__}\).*layer='conv'"
+    with pytest.raises(TypeError, match=message):
+        tk.wrap_first_layer(model)
+    tract_model, path = tk.wrap_first_layer(model, layer="conv")  # as the message says
+    assert path == "conv" and type(tract_model.get_layer("conv")) is tk.TrActConv2D
+
+
+def test_wrap_first_layer_refuses_other_first_layers_and_models_clearly():
+    def sequential(*layers, shape=(6, 6, 3)):
+        return keras.Sequential([keras.Input(shape), *layers])
+
+    for model, error, message in [
+        (sequential(keras.layers.Conv2DTranspose(2, 3, name="up")), TypeError,
+         r"first layer 'up' \(Conv2DTranspose\) is not a layer TrAct supports"),
+        (sequential(keras.layers.Embedding(10, 3, name="emb"), shape=(4,)), TypeError,
+         r"'emb' \(Embedding\)"),
+        (keras.Sequential([keras.layers.Dense(2)]), ValueError, "built model"),
+        (sequential(keras.layers.Flatten()), ValueError, "found none"),
+    ]:
+        with pytest.raises(error, match=message):
+            tk.wrap_first_layer(model)
+    x = keras.Input((4,))
+    two_heads = keras.Model(x, keras.layers.Add(name="sum")([
+        keras.layers.Dense(2, name="a")(x), keras.layers.Dense(2, name="b")(x)]))
+    with pytest.raises(ValueError, match="found 'a', 'b': pass layer="):
+        tk.wrap_first_layer(two_heads)
+    with pytest.raises(ValueError, match="layer='c'"):
+        tk.wrap_first_layer(two_heads, layer="c")
+    with pytest.raises(TypeError, match=r"layer 'sum' \(Add\)"):
+        tk.wrap_first_layer(two_heads, layer="sum")
+    with pytest.raises(ValueError, match="lam"):
+        tk.wrap_first_layer(two_heads, lam=0.0, layer="a")
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.stem = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.stem(x)
+
+    subclassed = Subclassed()
+    subclassed(np.ones((1, 4), np.float32))
+    with pytest.raises(TypeError, match=r"subclassed Subclassed.*in its __init__"):
+        tk.wrap_first_layer(subclassed)
+
+
+def test_clone_model_with_a_clone_function_wraps_a_named_layer():
+    """The recipe of the Keras quickstart: any layer of a built functional model."""
+    keras.utils.set_random_seed(0)
+    model = resnet_like()
+
+    def clone(layer):
+        if layer.name == "stem":
+            return tk.wrap(layer, lam=0.1)  # built: holds a copy of the weights
+        return layer.__class__.from_config(layer.get_config())
+
+    tract_model = keras.models.clone_model(model, clone_function=clone)
+    tract_model.set_weights(model.get_weights())
+    assert type(tract_model.get_layer("stem")) is tk.TrActConv2D
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(tract_model(x)),
+                                  keras.ops.convert_to_numpy(model(x)))

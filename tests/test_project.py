@@ -107,7 +107,7 @@ def test_every_backend_file_is_pinned():
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # adapter -> the modules it needs; its extra is named after it (tract-core[torch], ...).
 ADAPTERS = {"torch": ["torch"], "jax": ["jax"], "flax": ["flax", "jax"],
-            "tensorflow": ["tensorflow"], "keras": ["keras"]}
+            "equinox": ["equinox", "jax"], "tensorflow": ["tensorflow"], "keras": ["keras"]}
 FRAMEWORK_EXTRAS = ["torch", "jax", "flax", "equinox", "tensorflow", "keras"]
 
 

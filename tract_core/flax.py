@@ -4,6 +4,7 @@
     >>> import tract_core.flax as tflax
     >>> stem = tflax.TrActConv(3, 64, (3, 3), padding="SAME", lam=0.1, rngs=nnx.Rngs(0))
     >>> stem = tflax.wrap(nnx.Conv(3, 64, (3, 3), rngs=nnx.Rngs(0)))  # same params
+    >>> tflax.wrap_first_layer(model, images)  # in place: 'stem.conv', from one forward
 
 Each layer is the plain Flax layer with its ``dot_general`` / ``conv_general_dilated`` hook
 making the same ``lax`` call through `tract_core.jax`. Everything else (parameters,
@@ -16,7 +17,9 @@ parameter tree loads. Linen names submodules after their class (``TrActDense_0``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
+from collections import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,13 +27,15 @@ from tract_core._requires import requires
 
 with requires("flax", "Flax and JAX", "flax", "jax"):
     import flax.linen as nn
+    import jax
     from flax import nnx
     from jax import lax
 
 import tract_core as _tc
 from tract_core import jax as _tj
 
-__all__ = ["TrActConv", "TrActDense", "TrActLinear", "TrActLinenConv", "linen", "wrap"]
+__all__ = ["TrActConv", "TrActDense", "TrActLinear", "TrActLinenConv", "linen", "wrap",
+           "wrap_first_layer"]
 
 
 def _refuse(**options):
@@ -126,6 +131,150 @@ def wrap(module: nnx.Linear | nnx.Conv, lam: float = 0.1) -> TrActLinear | TrAct
         if not name.startswith("_pytree__") and name != hook:
             setattr(twin, name, value)  # the same Param objects: shared, not copied
     return twin
+
+
+# Layers that normalise what they are given: the input is not raw after them.
+_NORMALIZATIONS = tuple(getattr(nnx, name) for name in (
+    "BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm") if hasattr(nnx, name))
+
+
+def _holds_variables(module):
+    """Whether ``module`` itself (not a submodule) holds parameters or statistics."""
+    return any(isinstance(v, nnx.Variable) and not isinstance(v, nnx.RngState)
+               for v in vars(module).values())
+
+
+def _layer_paths(model):
+    """{id: (path, module)} of the modules that can be a first layer: normalisations, and
+    modules holding variables whose submodules hold none (a Linear, a Conv; not blocks)."""
+    modules = [(path, m) for path, m in nnx.iter_graph(model)
+               if path and isinstance(m, nnx.Module)]
+    holders = [path for path, m in modules if _holds_variables(m)]
+    return {id(m): (path, m) for path, m in modules if isinstance(m, _NORMALIZATIONS) or (
+        path in holders and not any(h[:len(path)] == path != h for h in holders))}
+
+
+def _called_layers(model, args, kwargs):
+    """Paths of the candidate layers in the order one forward first calls them, traced
+    abstractly on a copy (no FLOPs; the model's statistics and RNG counts untouched)."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if hasattr(leaf, "shape")
+              and hasattr(leaf, "dtype")]  # the rest (flags, ...) stays static
+    graphdef, state = nnx.split(model)
+    order = []
+
+    def forward(state, array_leaves):
+        copy, values = nnx.merge(graphdef, state), list(leaves)
+        for i, array in zip(arrays, array_leaves):
+            values[i] = array
+        layers = _layer_paths(copy)
+        owners = {next(c for c in type(m).__mro__ if "__call__" in vars(c))
+                  for _, m in layers.values()}
+
+        def recording(call):
+            @functools.wraps(call)
+            def recorded(self, *call_args, **call_kwargs):
+                if id(self) in layers and layers[id(self)][0] not in order:
+                    order.append(layers[id(self)][0])
+                return call(self, *call_args, **call_kwargs)
+            return recorded
+
+        # The classes' __call__ record their instances' calls, restored right after.
+        calls = {cls: vars(cls)["__call__"] for cls in owners}
+        try:
+            for cls, call in calls.items():
+                cls.__call__ = recording(call)
+            call_args, call_kwargs = jax.tree.unflatten(treedef, values)
+            copy(*call_args, **call_kwargs)
+        finally:
+            for cls, call in calls.items():
+                cls.__call__ = call
+
+    jax.eval_shape(forward, state, [leaves[i] for i in arrays])
+    return order
+
+
+def _at(node, path, replace=None):
+    """The node at ``path`` (attribute names, list indices, dict keys), or set it there;
+    and how Python spells that place from ``model``."""
+    spelled = "model"
+    for depth, key in enumerate(path):
+        container = isinstance(node, (abc.Sequence, abc.Mapping))
+        if depth == len(path) - 1 and replace is not None:
+            if isinstance(node, (abc.MutableSequence, abc.MutableMapping)):
+                node[key] = replace
+            elif container:
+                raise TypeError(f"the first layer sits in an immutable {type(node).__name__} "
+                                f"({spelled}): hold it in an nnx.List or an attribute")
+            else:
+                setattr(node, key, replace)
+        node = node[key] if container else getattr(node, key)
+        spelled += f"[{key!r}]" if container else f".{key}"
+    return node, spelled
+
+
+def _dotted(path):
+    return ".".join(str(key) for key in path)
+
+
+def _call_arguments(example_input):
+    """(args, kwargs) of ``model(...)`` on the example: a tuple is the positional
+    arguments, a dict the keyword arguments, anything else the one argument."""
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    return ((), dict(example_input)) if isinstance(example_input, dict) else (
+        (example_input,), {})
+
+
+def wrap_first_layer(model: nnx.Module, example_input: Any, lam: float = 0.1) -> str:
+    """Replace, in place, the first layer ``model(example_input)`` calls by its TrAct twin.
+
+    One forward of the example, traced abstractly on a copy of the model (no FLOPs, the
+    model untouched), records the order in which its layers are called; the first is the
+    first module holding parameters or statistics (not a block around such modules). An
+    ``nnx.Linear`` / ``nnx.Conv`` is replaced, where its parent holds it, by `wrap`'s twin,
+    which shares its ``nnx.Param`` objects: ``nnx.state(model)`` keeps its paths and shapes.
+
+    Args:
+        model: an NNX module whose layers are attributes, ``nnx.List``/``nnx.Dict`` (or
+            list/dict) entries, or ``nnx.Sequential`` layers.
+        example_input: one input (a few examples suffice), a tuple of positional
+            arguments or a dict of keyword arguments; arrays or ``jax.ShapeDtypeStruct``
+            (only shapes and dtypes matter), other values (flags) as they are.
+        lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
+
+    Returns:
+        The path of the wrapped layer, e.g. ``"stem.conv"`` or ``"layers.0"``.
+
+    Raises:
+        TypeError: the first layer is a normalisation (named, with the layer after it), an
+            ``nnx.ConvTranspose`` or another module that is not a Linear or Conv.
+        ValueError: the forward calls no layer with parameters (or ``model`` is a layer
+            itself: use `wrap`).
+    """
+    lam = _tc.check_lam(lam)
+    if isinstance(model, (nnx.Linear, nnx.Conv)):
+        raise ValueError(f"model is itself an nnx.{type(model).__name__}: use wrap(model, "
+                         f"lam)")
+    order = _called_layers(model, *_call_arguments(example_input))
+    if not order:
+        raise ValueError(f"model(...) on the example called no layer with parameters in "
+                         f"{type(model).__name__}")
+    path, (first, spelled) = order[0], _at(model, order[0])
+    kind = type(first).__name__
+    if isinstance(first, _NORMALIZATIONS):
+        after = [_at(model, p)[1] for p in order
+                 if isinstance(_at(model, p)[0], (nnx.Linear, nnx.Conv))][:1]
+        hint = "".join(f"; to wrap the layer after it all the same: {a} = "
+                       f"tract_core.flax.wrap({a})" for a in after)
+        raise TypeError(f"the model normalises its input with {spelled} (nnx.{kind}) before "
+                        f"any nnx.Linear or nnx.Conv, and TrAct is for the layer that sees "
+                        f"the input{hint}")
+    if not isinstance(first, (nnx.Linear, nnx.Conv)):
+        raise TypeError(f"the model's first layer {spelled} ({kind}) is not a layer TrAct "
+                        f"supports: nnx.Linear or nnx.Conv")
+    _at(model, path, replace=wrap(first, lam))
+    return _dotted(path)
 
 
 def _use_shim(module, hook, shim):

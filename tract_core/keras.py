@@ -3,6 +3,7 @@
     >>> import keras, tract_core.keras as tk
     >>> stem = tk.TrActConv2D(64, 3, padding="same", lam=0.1)
     >>> stem = tk.wrap(existing_conv2d, lam=0.1)     # same weights and config
+    >>> model, name = tk.wrap_first_layer(model)      # a copy, its first layer wrapped
 
 ``TrActDense`` and ``TrActConv1D/2D/3D`` subclass ``keras.layers.Dense``/``ConvND``: same
 options plus ``lam`` and ``sync``, same weights. Only the matrix product or convolution is
@@ -10,6 +11,8 @@ swapped for the active backend's adapter (`tract_core.tensorflow`, `tract_core.j
 `tract_core.torch`), laid out as Keras's own op: forward values and input gradients are
 the plain layer's. After ``import tract_core.keras``, ``keras.models.load_model``
 restores the layers (registered as ``tract_core>TrActDense`` etc.), ``lam`` included.
+`wrap_first_layer` finds the first layer of a Sequential or functional model from its
+layer graph and returns a copy of the model with that layer wrapped; `unwrap` undoes `wrap`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ with requires("keras", "Keras 3"):
 import tract_core as _tc
 from tract_core._args import resolve_pads
 
-__all__ = ["TrActConv1D", "TrActConv2D", "TrActConv3D", "TrActDense", "wrap"]
+__all__ = ["TrActConv1D", "TrActConv2D", "TrActConv3D", "TrActDense", "unwrap", "wrap",
+           "wrap_first_layer"]
 
 _ADAPTERS = {backend: f"tract_core.{backend}" for backend in ("tensorflow", "jax", "torch")}
 
@@ -183,6 +187,20 @@ class TrActConv3D(_TrActConv, keras.layers.Conv3D):
 
 _PLAIN_TO_TRACT = {keras.layers.Dense: TrActDense, keras.layers.Conv1D: TrActConv1D,
                    keras.layers.Conv2D: TrActConv2D, keras.layers.Conv3D: TrActConv3D}
+_TRACT_TO_PLAIN = {tract: plain for plain, tract in _PLAIN_TO_TRACT.items()}
+# Layers that normalise what they are given (weights or not): the input is not raw after them.
+_NORMALIZATIONS = tuple(getattr(keras.layers, name) for name in (
+    "BatchNormalization", "LayerNormalization", "GroupNormalization", "UnitNormalization",
+    "RMSNormalization", "Normalization") if hasattr(keras.layers, name))
+
+
+def _twin(cls, config, layer):
+    """A ``cls`` layer from ``config``, built and holding a copy of ``layer``'s weights."""
+    twin = cls.from_config(config)
+    if layer.built:
+        twin.build_from_config(layer.get_build_config())
+        twin.set_weights(layer.get_weights())
+    return twin
 
 
 def wrap(layer: keras.layers.Layer, lam: float = 0.1) -> keras.layers.Layer:
@@ -199,14 +217,173 @@ def wrap(layer: keras.layers.Layer, lam: float = 0.1) -> keras.layers.Layer:
     """
     lam = _tc.check_lam(lam)
     cls = _PLAIN_TO_TRACT.get(type(layer), type(layer))
-    if cls not in _PLAIN_TO_TRACT.values():
+    if cls not in _TRACT_TO_PLAIN:
         names = ", ".join(f"keras.layers.{c.__name__}" for c in _PLAIN_TO_TRACT)
         raise TypeError(f"wrap() supports {names}; got layer of type {type(layer).__name__}")
     if getattr(layer, "quantization_mode", None):
         raise ValueError(f"wrap() needs a float layer; {layer.name!r} is quantized "
                          f"({layer.quantization_mode})")
-    twin = cls.from_config({**layer.get_config(), "lam": lam})
-    if layer.built:
-        twin.build_from_config(layer.get_build_config())
-        twin.set_weights(layer.get_weights())
-    return twin
+    return _twin(cls, {**layer.get_config(), "lam": lam}, layer)
+
+
+def unwrap(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """The plain Keras layer of a TrAct layer.
+
+    Args:
+        layer: a ``TrActDense``/``TrActConv1D/2D/3D``, built or not.
+
+    Returns:
+        A new ``keras.layers.Dense``/``ConvND`` with the layer's config but ``lam`` and
+        ``sync`` and, if the layer was built, a copy of its weights.
+    """
+    cls = _TRACT_TO_PLAIN.get(type(layer))
+    if cls is None:
+        raise TypeError(f"unwrap() takes a TrActDense or TrActConv1D/2D/3D layer; got layer "
+                        f"of type {type(layer).__name__}")
+    config = {k: v for k, v in layer.get_config().items() if k not in ("lam", "sync")}
+    return _twin(cls, config, layer)
+
+
+def _is_graph_model(model):
+    """Whether ``model`` is a Sequential or functional model (a model with a layer graph)."""
+    return isinstance(model, keras.Sequential) or (isinstance(model, keras.Model)
+                                                    and hasattr(model, "_nodes_by_depth"))
+
+
+def _stops_the_walk(operation, skip):
+    """A layer with weights, or one that normalises (but ``skip`` types): the first layer
+    is among these."""
+    return not isinstance(operation, skip) and (
+        isinstance(operation, _NORMALIZATIONS) or bool(getattr(operation, "weights", None)))
+
+
+def _input_consumers(model, skip):
+    """The layers with weights (or normalising) that the model's input reaches through
+    layers and ops without weights (padding, reshapes, rescaling, dropout, ...)."""
+    if isinstance(model, keras.Sequential):
+        return [layer for layer in model.layers if _stops_the_walk(layer, skip)][:1]
+    reached, found = {id(model.inputs[0])}, []
+    # The functional graph is the record of one forward: nodes by depth, inputs deepest.
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or not any(id(t) in reached for t in node.input_tensors):
+                continue
+            if not _stops_the_walk(node.operation, skip):
+                reached.update(id(t) for t in node.outputs)
+            elif all(node.operation is not f for f in found):
+                found.append(node.operation)
+    return found
+
+
+def _check_graph_model(model):
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"wrap_first_layer() needs a Sequential or functional model; {model.name!r} is a "
+            f"subclassed {type(model).__name__}, whose layers Keras can neither clone nor "
+            f"replace once built: create its first layer as a TrAct layer (or with "
+            f"tract_core.keras.wrap) in its __init__")
+
+
+def _first_layer_path(model, skip=()):
+    """Layer names from ``model`` down to its first layer, into nested Sequential and
+    functional models; layers of the ``skip`` types are walked through."""
+    if not model.built:
+        raise ValueError(f"wrap_first_layer() needs a built model; build {model.name!r} first "
+                         f"(keras.Input as its first entry, or model.build(input_shape))")
+    if len(model.inputs) != 1:
+        raise ValueError(f"wrap_first_layer() finds the first layer of a model with one "
+                         f"input; {model.name!r} has {len(model.inputs)}: pass layer= to name "
+                         f"the layer to wrap")
+    found = _input_consumers(model, skip)
+    if len(found) != 1:
+        names = ", ".join(repr(f.name) for f in found) or "none"
+        raise ValueError(f"wrap_first_layer() looks for one layer with weights fed by the "
+                         f"input of {model.name!r}, found {names}: pass layer= to name the "
+                         f"layer to wrap")
+    (first,) = found
+    if _is_graph_model(first):
+        return [first.name, *_first_layer_path(first, skip)]
+    return [first.name]
+
+
+def _check_supported(model, layer, name, found):
+    """A TypeError saying what ``layer`` is and what to do, unless wrap() takes it."""
+    kind = type(layer).__name__
+    if type(layer) in _PLAIN_TO_TRACT or type(layer) in _TRACT_TO_PLAIN:
+        return
+    supported = "Dense, Conv1D, Conv2D or Conv3D"
+    if found and isinstance(layer, _NORMALIZATIONS):
+        try:  # the layer after the normalisation(s), for the hint
+            after = repr("/".join(_first_layer_path(model, skip=_NORMALIZATIONS)))
+        except (TypeError, ValueError):
+            after = "..."
+        raise TypeError(f"the model normalises its input with {name!r} ({kind}) before any "
+                        f"layer TrAct supports ({supported}), and TrAct is for the layer that "
+                        f"sees the input. To wrap the layer after the normalisation all the "
+                        f"same, name it: wrap_first_layer(model, layer={after})")
+    what = "the model's first layer" if found else "layer"
+    raise TypeError(f"{what} {name!r} ({kind}) is not a layer TrAct supports: {supported}")
+
+
+def _clone_with_twin(model, target, lam, recursive):
+    """``clone_model`` with ``target`` replaced by its TrAct twin; every weight copied."""
+    pairs = []
+
+    def clone(layer):
+        # Keras's own default clone (same class, same config), built by the new graph in
+        # the new model's name scope; the weights are copied below.
+        twin = layer.__class__.from_config(layer.get_config())
+        twin = wrap(twin, lam) if layer is target else twin
+        pairs.append((layer, twin))
+        return twin
+
+    new_model = keras.models.clone_model(model, clone_function=clone, recursive=recursive)
+    if all(layer is not target for layer, _ in pairs):  # inside a subclassed model
+        raise TypeError(f"layer {target.name!r} is inside a subclassed model, which "
+                        f"clone_model copies whole: create it with tract_core.keras.wrap there")
+    for layer, twin in pairs:  # built now, by the clone's graph
+        if getattr(layer, "weights", None):  # ops (keras.ops in the graph) have none
+            twin.set_weights(layer.get_weights())
+    return new_model
+
+
+def wrap_first_layer(model: keras.Model, lam: float = 0.1, *,
+                     layer: str | None = None) -> tuple[keras.Model, str]:
+    """A copy of a Sequential or functional model whose first layer is its TrAct twin.
+
+    The first layer is found from the model's layer graph (the record of its forward): the
+    layer with weights that the input reaches, through layers and ops without weights
+    (padding, reshapes, ``Rescaling``, dropout, augmentation), into nested Sequential and
+    functional models. A built model's layers cannot be swapped in place, so the model is
+    cloned (``keras.models.clone_model``), that layer replaced by `wrap`'s twin, and every
+    weight copied (non-trainable ones included). The original model is left as it was.
+
+    Args:
+        model: a built ``keras.Sequential`` or functional ``keras.Model`` with one input.
+        lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
+        layer: the name of the layer to wrap instead (``"outer/inner"`` inside a nested
+            model), e.g. the convolution after an input normalisation.
+
+    Returns:
+        (new model, name of the wrapped layer, ``"outer/inner"`` if nested). A compiled
+        model's copy is compiled from its compile config: a fresh optimizer.
+
+    Raises:
+        TypeError: the first layer is not ``Dense``/``Conv1D/2D/3D`` (a normalisation, a
+            transposed convolution, an embedding: named in the message), or the model is
+            subclassed (no graph to clone: create its first layer with `wrap` instead).
+        ValueError: no single first layer (several layers read the input, or none).
+    """
+    lam = _tc.check_lam(lam)
+    _check_graph_model(model)
+    path = _first_layer_path(model) if layer is None else str(layer).split("/")
+    target = model
+    for depth, name in enumerate(path):
+        try:
+            target = target.get_layer(name)
+        except (ValueError, AttributeError):
+            raise ValueError(f"layer={layer!r}: {'/'.join(path[:depth + 1])!r} is not a layer "
+                             f"of {model.name!r}") from None
+    name = "/".join(path)
+    _check_supported(model, target, name, found=layer is None)
+    return _clone_with_twin(model, target, lam, recursive=len(path) > 1), name

@@ -1,9 +1,9 @@
 """TrAct in Equinox: a per-example model, vmapped over the batch, trained with optax.
 
 Equinox models are written for one example and ``jax.vmap``-ed over the batch. TrAct's
-statistics are over the whole batch, and ``tract_core.jax.conv`` pools them across the
-vmap (a ``custom_vmap`` batching rule), so the stem below gets exactly the gradient a
-batched call would give. Runs in a few seconds on a CPU:
+statistics are over the whole batch, and ``tract_core.equinox``'s layers (through
+``tract_core.jax.conv``) pool them across the vmap, so the stem below gets exactly the
+gradient a batched call would give. Runs in a few seconds on a CPU:
 
     python examples/equinox_example.py
 """
@@ -16,62 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import tract_core.jax as tj
-
-_PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}
-
-
-class TrActConv(eqx.Module):
-    """An ``eqx.nn.Conv`` (Conv1d/2d/3d, any option) with TrAct's weight gradient.
-
-    Keeps the Equinox layer for its parameters and initialisation; a per-example call,
-    x: (C, *spatial) -> (out_channels, *out_spatial), like the layer itself. The forward
-    and the input and bias gradients are the layer's own (bit for bit on CPU; the conv
-    runs channels-last, which a GPU conv library may round differently).
-    """
-
-    conv: eqx.nn.Conv
-    lam: float = eqx.field(static=True)
-
-    def __init__(self, conv: eqx.nn.Conv, *, lam: float = 0.1):
-        if not isinstance(conv, eqx.nn.Conv):  # ConvTranspose, Linear, ...: not a Conv
-            raise TypeError(f"conv must be an eqx.nn.Conv (for an eqx.nn.Linear call "
-                            f"tract_core.jax.dense), got {type(conv).__name__}")
-        self.conv, self.lam = conv, lam
-
-    def __call__(self, x, *, key=None):
-        conv, d = self.conv, self.conv.num_spatial_dims
-        if x.ndim != d + 1:
-            raise ValueError(f"x must have shape (in_channels, *spatial) with {d} spatial "
-                             f"axes, got shape {x.shape}")
-        padding = conv.padding
-        if conv.padding_mode != "ZEROS":  # as Equinox does it: pad, then no padding
-            if isinstance(padding, str):
-                window = [r * (k - 1) + 1 for k, r in zip(conv.kernel_size, conv.dilation)]
-                padding = jax.lax.padtype_to_pads(x.shape[1:], window, conv.stride, padding)
-            x = jnp.pad(x, [(0, 0), *padding], _PAD_MODES[conv.padding_mode])
-            padding = "VALID"
-        # Equinox: weight (O, I / groups, *window), channels-first; tract_core.jax: the
-        # Flax layout (*window, I / groups, O).
-        kernel = jnp.transpose(conv.weight, (*range(2, d + 2), 1, 0))
-        z = tj.conv(jnp.moveaxis(x, 0, -1)[None], kernel, None, strides=conv.stride,
-                    padding=padding, kernel_dilation=conv.dilation,
-                    feature_group_count=conv.groups, lam=self.lam)
-        z = jnp.moveaxis(z[0], -1, 0)
-        # The bias added as Equinox adds it, (O, 1, ..., 1): the same bias gradient sum.
-        return z + conv.bias if conv.use_bias else z
+import tract_core.equinox as teqx
 
 
 class SmallNet(eqx.Module):
     """TrAct stem on raw pixels, ReLU, global average pool, linear head."""
 
-    stem: TrActConv
+    stem: teqx.TrActConv2d
     head: eqx.nn.Linear
 
     def __init__(self, *, channels=3, width=16, classes=10, lam=0.1, dtype=jnp.float32, key):
         stem_key, head_key = jax.random.split(key)
-        self.stem = TrActConv(eqx.nn.Conv2d(channels, width, 3, padding=1, dtype=dtype,
-                                            key=stem_key), lam=lam)
+        self.stem = teqx.TrActConv2d(channels, width, 3, padding=1, dtype=dtype, lam=lam,
+                                     key=stem_key)
         self.head = eqx.nn.Linear(width, classes, dtype=dtype, key=head_key)
 
     def __call__(self, image):

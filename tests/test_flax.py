@@ -411,24 +411,24 @@ def test_equinox_example_trains_and_pools_the_vmapped_batch():
     # (the shapes of the example's stem: its init is compiled already).
     import equinox as eqx
 
-    layer = example.TrActConv(eqx.nn.Conv2d(3, 16, 3, padding=1, dtype=jnp.float32,
-                                            key=jax.random.key(0)), lam=0.1)
+    layer = example.teqx.TrActConv2d(3, 16, 3, padding=1, dtype=jnp.float32, lam=0.1,
+                                     key=jax.random.key(0))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.random((6, 3, 8, 8), dtype=np.float32))
     grad_z = jnp.asarray(rng.standard_normal((6, 16, 8, 8), dtype=np.float32))
 
     def example_grad(layer, image, g):
-        return eqx.filter_grad(lambda m: jnp.sum(m(image) * g))(layer).conv.weight
+        return eqx.filter_grad(lambda m: jnp.sum(m(image) * g))(layer).weight
 
     @eqx.filter_jit
     def grads(layer):
         per_example = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(images) * grad_z))(layer)
         batched = jax.grad(lambda w: jnp.sum(tj.conv(
             jnp.moveaxis(images, 1, -1), jnp.transpose(w, (2, 3, 1, 0)), None,
-            padding=1, lam=0.1) * jnp.moveaxis(grad_z, 1, -1)))(layer.conv.weight)
+            padding=1, lam=0.1) * jnp.moveaxis(grad_z, 1, -1)))(layer.weight)
         # lax.map is a loop, not a vmap: one Gram per example.
         separate = jax.lax.map(lambda xg: example_grad(layer, *xg), (images, grad_z))
-        return per_example.conv.weight, batched, separate.sum(0)
+        return per_example.weight, batched, separate.sum(0)
 
     per_example, batched, separate = grads(layer)
     assert_close(per_example, batched, 1e-5, "vmapped per-example vs batched")
@@ -513,38 +513,6 @@ def check_eqx_conv(index, make, weight_of, modes=("jit", "eager")):
         got = np.asarray(weight_of(grads)[group * m_g:(group + 1) * m_g], np.float64)
         assert_close(got.reshape(m_g, -1), expected, 1e-9 if dtype == "float64" else 2e-5,
                      f"group {group}")
-
-
-@pytest.mark.parametrize("index", range(len(EQX_CONVS)))
-def test_equinox_recipe_matches_the_plain_layer(index):
-    """The example's TrActConv, jitted and eager, on every eqx.nn.Conv option."""
-    need("equinox")
-    example = load_example("equinox_example")
-    check_eqx_conv(index, lambda conv: example.TrActConv(conv, lam=0.1),
-                   lambda grads: grads.conv.weight)
-
-
-def test_equinox_recipe_refuses_other_modules_and_shapes_and_takes_empty_batches():
-    need("equinox")
-    import equinox as eqx
-
-    example = load_example("equinox_example")
-    for module in (eqx.nn.Linear(3, 4, key=jax.random.key(0)),
-                   eqx.nn.ConvTranspose2d(3, 4, 3, key=jax.random.key(0))):
-        with pytest.raises(TypeError, match=rf"eqx.nn.Conv.*{type(module).__name__}"):
-            example.TrActConv(module)
-    conv = eqx.nn.Conv2d(3, 4, 3, padding=1, padding_mode="REFLECT", dtype=jnp.float32,
-                         key=jax.random.key(0))
-    layer = example.TrActConv(conv)
-    with pytest.raises(ValueError, match=r"x must have shape \(in_channels"):
-        layer(jnp.ones((2, 3, 5, 5), jnp.float32))  # a batch: vmap the layer instead
-    with pytest.raises(ValueError, match="lam"):
-        example.TrActConv(conv, lam=0.0)(jnp.ones((3, 5, 5), jnp.float32))
-    # An empty batch: no error, zero gradients, as for the plain layer.
-    grads = eqx.filter_jit(eqx.filter_grad(
-        lambda m: jnp.sum(jax.vmap(m)(jnp.ones((0, 3, 5, 5), jnp.float32)) ** 2)))(layer)
-    assert np.array_equal(grads.conv.weight, np.zeros(conv.weight.shape))
-    assert np.array_equal(grads.conv.bias, np.zeros(conv.bias.shape))
 
 
 # --------------------------------------------------------------------------- first layer
@@ -766,6 +734,11 @@ def test_equinox_wrap_keeps_the_arrays_and_refuses_other_layers():
         teqx.TrActConv2d(3, 4, 3, lam=-1.0, key=key)
     with pytest.raises(ValueError, match=r"x must have shape \(in_channels"):
         twin(jnp.ones((2, 3, 7, 7), jnp.float32))  # a batch: vmap the layer instead
+    # An empty batch: no error, zero gradients, as for the plain layer.
+    grads = eqx.filter_jit(eqx.filter_grad(
+        lambda m: jnp.sum(jax.vmap(m)(jnp.ones((0, 3, 7, 7), jnp.float32)) ** 2)))(twin)
+    assert np.array_equal(grads.weight, np.zeros(conv.weight.shape))
+    assert np.array_equal(grads.bias, np.zeros(conv.bias.shape))
 
 
 def test_equinox_wrap_first_layer_follows_the_forward():

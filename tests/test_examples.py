@@ -295,6 +295,11 @@ def test_speed_up_factor_its_bounds_and_its_bootstrap_interval():
     assert below.bound == "<=" and speedup.factor_text(below).startswith("<= 0.50x")
     with pytest.raises(ValueError, match="same seeds"):
         speedup.speed_ups(vanilla, {1: [80.0, 81.0]})
+    # One seed: a factor, and no interval pretending to be one.
+    (single,) = speedup.speed_ups({1: [80.0], 2: [84.0]}, {1: [82.0]}, time_ratios=[1.1])
+    assert single.factor == pytest.approx(2 ** 0.5, rel=1e-12)
+    assert speedup.factor_text(single).endswith("[no interval: one seed]")
+    assert speedup.factor_text(single, time=True).endswith("[no interval: one seed]")
 
 
 def test_the_bootstrap_keeps_a_seeds_runs_together():

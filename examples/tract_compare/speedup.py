@@ -87,8 +87,10 @@ def _bound(vanilla_epochs, budgets) -> str:
 
 
 def _percentile_interval(values) -> tuple:
-    """The central CONFIDENCE interval of ``values`` by rank (inf kept as inf)."""
+    """The central CONFIDENCE interval of ``values`` by rank (inf kept as inf; NaN: none)."""
     ordered = np.sort(np.asarray(values, dtype=float))
+    if np.isnan(ordered).any():
+        return math.nan, math.nan
     tail = (1 - CONFIDENCE) / 2
     low = ordered[math.floor(tail * (len(ordered) - 1))]
     high = ordered[math.ceil((1 - tail) * (len(ordered) - 1))]
@@ -129,6 +131,8 @@ def speed_ups(vanilla: dict, tract: dict, time_ratios=None, seed=0) -> list[Spee
         resampled = np.array([
             vanilla_epochs_to_reach(budgets, means.tolist(), accuracies[row].mean())
             for means, row in zip(vanilla_means, draws)]) / epochs
+        if count < 2:  # one seed: nothing to resample, no interval
+            resampled = np.full_like(resampled, math.nan)
         speed_up = SpeedUp(
             epochs=epochs, tract_accuracy=target,
             vanilla_accuracy=float(np.mean(vanilla[epochs])) if epochs in vanilla else None,
@@ -157,6 +161,8 @@ def factor_text(speed_up: SpeedUp, time=False) -> str:
         if speed_up.bound == ">":
             factor = speed_up.max_budget / speed_up.epochs
     prefix = {"": "", ">": "> ", "<=": "<= "}[speed_up.bound]
+    if math.isnan(low):
+        return f"{prefix}{_times(factor)} [no interval: one seed]"
     return f"{prefix}{_times(factor)} [{_times(low)}, {_times(high)}]"
 
 

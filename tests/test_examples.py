@@ -355,7 +355,7 @@ def test_budget_sweep_reports_the_factor_and_ends_with_its_line(tmp_path, capsys
              for c in comparisons if c.lam == 0.1}
     expected = speedup.speed_ups(vanilla, tract, entry["ratios"])[-1]
     assert last == speedup.summary_line(expected)
-    assert last.startswith("TrAct speed-up at 2 epochs: ") and "in time" in last
+    assert last.startswith("TrAct speed-up [95% CI] at 2 epochs: ") and "in time" in last
     # A resumed run reuses the timing: the line is the same.
     cli.main([*TINY, "--epochs", "1", "2", "--baseline-epochs", "4", "--lam", "0.1",
               "0.5", "--timing-rounds", "2", "--out", str(tmp_path)])

@@ -193,8 +193,8 @@ def summary_line(speed_up: SpeedUp) -> str:
     """One line: the factor at a budget with its interval, and both accuracies there."""
     vanilla = ("vanilla not run at that budget" if speed_up.vanilla_accuracy is None
                else f"vanilla {speed_up.vanilla_accuracy:.2f} %")
-    line = (f"TrAct speed-up at {speed_up.epochs} epochs: {factor_text(speed_up)} in epochs "
-            f"(95% CI)")
+    line = (f"TrAct speed-up [95% CI] at {speed_up.epochs} epochs: {factor_text(speed_up)} "
+            f"in epochs")
     if speed_up.time_factor is not None:
         line += f", {factor_text(speed_up, time=True)} in time"
     return (f"{line}; test accuracy at {speed_up.epochs} epochs: {vanilla}, "

@@ -608,3 +608,21 @@ def test_keras_comparison_runs_and_resumes(train_keras, tmp_path, monkeypatch):
     backend = train_keras.BACKEND
     check_small_comparison(tmp_path, "keras", {"keras", "keras_backend", backend},
                            monkeypatch)
+
+
+def test_plot_draws_unbounded_factors_at_vanillas_ceiling(tmp_path):
+    """Vanilla never reaches TrAct's 2-epoch accuracy, in no resample: the plot still
+    draws, the table says the bound on both ends."""
+    def runs(accuracies):
+        return [{"test_acc": a, "seconds": 1.0} for a in accuracies]
+
+    comparisons = [
+        results.Comparison(1, 0.1, {"vanilla": runs([80, 81]), "tract": runs([82, 83])}, 0.1),
+        results.Comparison(2, 0.1, {"vanilla": runs([84, 85]), "tract": runs([90, 91])}, 0.1),
+        results.Comparison(4, 0.1, {"vanilla": runs([86, 87]), "tract": []}, None)]
+    vanilla = {c.epochs: [r["test_acc"] for r in c.runs["vanilla"]] for c in comparisons}
+    tract = {c.epochs: [r["test_acc"] for r in c.runs["tract"]] for c in comparisons[:2]}
+    rows = speedup.speed_ups(vanilla, tract, time_ratios=[1.1, 1.2])
+    assert speedup.factor_text(rows[1]) == "> 2.00x [> 2.00x, ∞]"
+    results.plot_accuracy(comparisons, {0.1: rows}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -212,8 +212,8 @@ def _plot_speed_ups(axes, speedups, colors):
                 ceiling = s.max_budget / s.epochs / (s.time_ratio if time else 1)
                 values.append(ceiling if s.bound == ">" else
                               (s.time_factor if time else s.factor))
-                intervals.append((interval[0], ceiling if math.isinf(interval[1])
-                                  else interval[1]))
+                # Unbounded ends (vanilla never got there) drawn at vanilla's ceiling.
+                intervals.append(tuple(ceiling if math.isinf(v) else v for v in interval))
             low = [v - i[0] for v, i in zip(values, intervals)]
             high = [i[1] - v for v, i in zip(values, intervals)]
             name = "in time" if time else "in epochs"

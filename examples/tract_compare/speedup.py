@@ -161,6 +161,8 @@ def factor_text(speed_up: SpeedUp, time=False) -> str:
         if speed_up.bound == ">":
             factor = speed_up.max_budget / speed_up.epochs
     prefix = {"": "", ">": "> ", "<=": "<= "}[speed_up.bound]
+    if math.isinf(low):  # no resample got there either: the same bound
+        return f"{prefix}{_times(factor)} [{prefix}{_times(factor)}, ∞]"
     if math.isnan(low):
         return f"{prefix}{_times(factor)} [no interval: one seed]"
     return f"{prefix}{_times(factor)} [{_times(low)}, {_times(high)}]"

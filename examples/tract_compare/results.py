@@ -225,6 +225,10 @@ def _plot_speed_ups(axes, speedups, colors):
                 if s.bound == ">":
                     axes.annotate("", (xi, value * 1.15), (xi, value),
                                   arrowprops={"arrowstyle": "->", "color": color})
+    bounds = [s.max_budget / s.epochs for rows in speedups.values() for s in rows
+              if s.bound == ">"]
+    if bounds:  # room above the highest bound for its arrow
+        axes.set_ylim(top=max(axes.get_ylim()[1], 1.2 * max(bounds)))
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set(xlabel="TrAct's epoch budget", ylabel="speed-up factor (vanilla / TrAct)",
              title="speed-up to TrAct's accuracy (95% CI)")

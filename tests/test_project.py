@@ -30,6 +30,7 @@ FRAMEWORKS = {"torch", "jax", "jaxlib", "flax", "equinox", "tensorflow", "keras"
 ALLOWED = {
     "_args": (set(), set()),
     "_requires": (set(), set()),
+    "_call_order": (set(), set()),
     "_backends": ({"torch", "jax"}, {"_tf_namespace"}),  # lazily, for arrays of that library
     "_patches": (set(), {"_backends"}),
     "_conv_gram": (set(), {"_backends", "_patches"}),
@@ -43,8 +44,8 @@ ALLOWED = {
                           "_torch_adopt"}),
     "jax": ({"jax"}, {"__init__", "_args", "_backends", "_jax_vmap", "_requires"}),
     "tensorflow": ({"tensorflow"}, {"__init__", "_args", "_tf_namespace", "_requires"}),
-    "flax": ({"jax", "flax"}, {"jax", "__init__", "_requires"}),
-    "equinox": ({"jax", "equinox"}, {"jax", "__init__", "_requires"}),
+    "flax": ({"jax", "flax"}, {"jax", "__init__", "_requires", "_call_order"}),
+    "equinox": ({"jax", "equinox"}, {"jax", "__init__", "_requires", "_call_order"}),
     "keras": ({"keras", "torch", "jax", "tensorflow"},
               {"torch", "jax", "tensorflow", "__init__", "_args", "_requires"}),
 }

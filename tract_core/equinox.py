@@ -17,10 +17,10 @@ the model; `wrap_first_layer` does both for the first layer a forward calls.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
+from tract_core._call_order import recording_calls
 from tract_core._requires import requires
 
 with requires("equinox", "Equinox and JAX", "equinox", "jax"):
@@ -214,27 +214,8 @@ def _layer_paths(model):
 def _called_layers(model, args, kwargs):
     """Key paths of the candidate layers in the order one forward first calls them, traced
     abstractly (``eqx.filter_eval_shape``: no FLOPs)."""
-    layers, order = _layer_paths(model), []
-    owners = {next(c for c in type(m).__mro__ if "__call__" in vars(c))
-              for _, m in layers.values()}
-
-    def recording(call):
-        @functools.wraps(call)
-        def recorded(self, *call_args, **call_kwargs):
-            if id(self) in layers and layers[id(self)][0] not in order:
-                order.append(layers[id(self)][0])
-            return call.__get__(self, type(self))(*call_args, **call_kwargs)
-        return recorded
-
-    # The classes' __call__ record their instances' calls, restored right after.
-    calls = {cls: vars(cls)["__call__"] for cls in owners}
-    try:
-        for cls, call in calls.items():
-            type.__setattr__(cls, "__call__", recording(call))
+    with recording_calls(_layer_paths(model)) as order:
         eqx.filter_eval_shape(lambda *a, **k: model(*a, **k), *args, **kwargs)
-    finally:
-        for cls, call in calls.items():
-            type.__setattr__(cls, "__call__", call)
     return order
 
 

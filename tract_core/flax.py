@@ -17,12 +17,12 @@ parameter tree loads. Linen names submodules after their class (``TrActDense_0``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 from collections import abc
 from collections.abc import Sequence
 from typing import Any
 
+from tract_core._call_order import recording_calls
 from tract_core._requires import requires
 
 with requires("flax", "Flax and JAX", "flax", "jax"):
@@ -167,28 +167,10 @@ def _called_layers(model, args, kwargs):
         copy, values = nnx.merge(graphdef, state), list(leaves)
         for i, array in zip(arrays, array_leaves):
             values[i] = array
-        layers = _layer_paths(copy)
-        owners = {next(c for c in type(m).__mro__ if "__call__" in vars(c))
-                  for _, m in layers.values()}
-
-        def recording(call):
-            @functools.wraps(call)
-            def recorded(self, *call_args, **call_kwargs):
-                if id(self) in layers and layers[id(self)][0] not in order:
-                    order.append(layers[id(self)][0])
-                return call(self, *call_args, **call_kwargs)
-            return recorded
-
-        # The classes' __call__ record their instances' calls, restored right after.
-        calls = {cls: vars(cls)["__call__"] for cls in owners}
-        try:
-            for cls, call in calls.items():
-                cls.__call__ = recording(call)
+        with recording_calls(_layer_paths(copy)) as called:
             call_args, call_kwargs = jax.tree.unflatten(treedef, values)
             copy(*call_args, **call_kwargs)
-        finally:
-            for cls, call in calls.items():
-                cls.__call__ = call
+        order.extend(called)
 
     jax.eval_shape(forward, state, [leaves[i] for i in arrays])
     return order

@@ -96,6 +96,35 @@ def print_header(*columns):
     print("|---" * len(columns) + "|")
 
 
+# The whole-step models in channels-last frameworks (JAX, Keras): name -> (input shape
+# (N, H, W, C), the model builder's extra arguments).
+CHANNELS_LAST_MODELS = {
+    "cnn": ((128, 28, 28, 1), {}),
+    "resnet18": ((64, 32, 32, 3), {}),
+    "vit": ((64, 32, 32, 3), {"patch": 4, "dim": 384, "depth": 7, "heads": 12}),
+}
+
+
+def print_whole_step_header(rounds, *extra_columns):
+    columns = ["variant", "ratio", "plain ms", "variant ms", *extra_columns]
+    print(f"| whole step / plain step (median [IQR] of {rounds} paired rounds) | "
+          + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
+
+
+def print_whole_step_rows(name, seconds, steps, results, *extra_cells):
+    """One table row per variant besides plain (``seconds`` from `paired_times`, ``steps``
+    training steps per round); the per-round ratios into ``results``."""
+    plain_ms = statistics.median(seconds["plain"]) / steps * 1e3
+    for key in seconds:
+        if key == "plain":
+            continue
+        median, low, high = ratio_summary(seconds, key)
+        results[f"{name}/{key}"] = [t / p for t, p in zip(seconds[key], seconds["plain"])]
+        variant_ms = statistics.median(seconds[key]) / steps * 1e3
+        print_row(name, key, f"{median:.3f} [{low:.3f}, {high:.3f}]", f"{plain_ms:.1f}",
+                  f"{variant_ms:.1f}", *extra_cells)
+
+
 def timing_cells(case, seconds, goals):
     """case, plain ms, TrAct ms (medians), TrAct/plain (median [IQR] of per-round ratios),
     goal; and the same as a results dict."""

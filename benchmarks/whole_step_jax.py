@@ -24,7 +24,6 @@ Models (the first layer is the one TrAct trains), channels-last as Flax's convs 
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,12 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import _harness
 from tract_compare import loop  # numpy only: the cores are pinned before JAX starts
 
-# name: (input shape (N, H, W, C), the model class's extra arguments)
-MODELS = {
-    "cnn": ((128, 28, 28, 1), {}),
-    "resnet18": ((64, 32, 32, 3), {}),
-    "vit": ((64, 32, 32, 3), {"patch": 4, "dim": 384, "depth": 7, "heads": 12}),
-}
+MODELS = _harness.CHANNELS_LAST_MODELS
 
 
 def variants(name, count):
@@ -81,16 +75,6 @@ def _runner(step, state, x, y, count):
     return run
 
 
-def report(name, seconds, steps, results):
-    """The TrAct row of the table; the per-round ratios into ``results``."""
-    median, low, high = _harness.ratio_summary(seconds, "tract")
-    results[f"{name}/tract"] = [t / p for t, p in zip(seconds["tract"], seconds["plain"])]
-    plain_ms, tract_ms = (statistics.median(seconds[key]) / steps * 1e3
-                          for key in ("plain", "tract"))
-    print(f"| {name} | tract | {median:.3f} [{low:.3f}, {high:.3f}] | {plain_ms:.1f} | "
-          f"{tract_ms:.1f} |", flush=True)
-
-
 def main(argv=None):
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--rounds", type=int, default=30)
@@ -108,13 +92,12 @@ def main(argv=None):
              else getattr(device, "device_kind", device.platform))
     print(f"jax {jax.__version__}, flax {flax.__version__}, {where}, jit, "
           f"{args.steps} step(s) per round")
-    print(f"| whole step / plain step (median [IQR] of {args.rounds} paired rounds) | "
-          "variant | ratio | plain ms | variant ms |\n|---|---|---|---|---|")
+    _harness.print_whole_step_header(args.rounds)
     results = {}
     for name in args.models:
         runs = {key: (run,) for key, run in variants(name, args.steps).items()}
         seconds = _harness.paired_times(runs, args.rounds, lambda run: run())
-        report(name, seconds, args.steps, results)
+        _harness.print_whole_step_rows(name, seconds, args.steps, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

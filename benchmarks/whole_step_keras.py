@@ -26,7 +26,6 @@ Models (the first layer is the one TrAct trains), channels-last:
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,12 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import _harness
 from tract_compare import loop  # numpy only: the cores are pinned before a backend starts
 
-# name: (input shape (N, H, W, C), the model function's extra arguments)
-MODELS = {
-    "cnn": ((128, 28, 28, 1), {}),
-    "resnet18": ((64, 32, 32, 3), {}),
-    "vit": ((64, 32, 32, 3), {"patch": 4, "dim": 384, "depth": 7, "heads": 12}),
-}
+MODELS = _harness.CHANNELS_LAST_MODELS
 
 
 def build(name, lam):
@@ -82,16 +76,6 @@ def variants(name, count):
     return {key: (runner(model), model) for key, model in made.items()}
 
 
-def report(name, seconds, steps, jit, results):
-    """The TrAct row of the table; the per-round ratios into ``results``."""
-    median, low, high = _harness.ratio_summary(seconds, "tract")
-    results[f"{name}/tract"] = [t / p for t, p in zip(seconds["tract"], seconds["plain"])]
-    plain_ms, tract_ms = (statistics.median(seconds[key]) / steps * 1e3
-                          for key in ("plain", "tract"))
-    print(f"| {name} | tract | {median:.3f} [{low:.3f}, {high:.3f}] | {plain_ms:.1f} | "
-          f"{tract_ms:.1f} | {jit} |", flush=True)
-
-
 def header(args):
     import keras
 
@@ -99,9 +83,7 @@ def header(args):
     version = __import__({"tensorflow": "tensorflow", "torch": "torch"}.get(backend, "jax"))
     print(f"keras {keras.__version__} on {backend} {version.__version__}, "
           f"{loop.cpu_cores()} cores, {args.steps} step(s) per round")
-    print(f"| whole step / plain step (median [IQR] of {args.rounds} paired rounds) | "
-          "variant | ratio | plain ms | variant ms | jit_compile (plain/TrAct) |\n"
-          "|---|---|---|---|---|---|")
+    _harness.print_whole_step_header(args.rounds, "jit_compile (plain/TrAct)")
 
 
 def main(argv=None):
@@ -123,7 +105,7 @@ def main(argv=None):
         seconds = _harness.paired_times({key: (run,) for key, (run, _) in made.items()},
                                         args.rounds, lambda run: run())
         jit = "/".join(str(made[key][1].jit_compile) for key in ("plain", "tract"))
-        report(name, seconds, args.steps, jit, results)
+        _harness.print_whole_step_rows(name, seconds, args.steps, results, jit)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

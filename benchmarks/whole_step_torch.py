@@ -36,7 +36,6 @@ import copy
 import functools
 import importlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -142,19 +141,6 @@ def run_steps(step, count, cuda):
         torch.cuda.synchronize()
 
 
-def report(name, seconds, steps, results):
-    """One table row per variant; the per-round ratios into ``results``."""
-    plain_ms = statistics.median(seconds["plain"]) / steps * 1e3
-    for key in seconds:
-        if key == "plain":
-            continue
-        median, low, high = _harness.ratio_summary(seconds, key)
-        results[f"{name}/{key}"] = [t / p for t, p in zip(seconds[key], seconds["plain"])]
-        variant_ms = statistics.median(seconds[key]) / steps * 1e3
-        print(f"| {name} | {key} | {median:.3f} [{low:.3f}, {high:.3f}] | {plain_ms:.1f} | "
-              f"{variant_ms:.1f} |", flush=True)
-
-
 def parse(argv):
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--rounds", type=int, default=30)
@@ -186,13 +172,12 @@ def main(argv=None):
            else "CUDA graphs" if args.cuda_graphs else "eager")
     print(f"torch {torch.__version__}, {where}, {how}, {args.steps} step(s) per round")
     results = {}
-    print(f"| whole step / plain step (median [IQR] of {args.rounds} paired rounds) | "
-          "variant | ratio | plain ms | variant ms |\n|---|---|---|---|---|")
+    _harness.print_whole_step_header(args.rounds)
     for name in args.models:
         runs = {key: (step,) for key, step in steps_of(name, args).items()}
         seconds = _harness.paired_times(
             runs, args.rounds, lambda step: run_steps(step, args.steps, cuda))
-        report(name, seconds, args.steps, results)
+        _harness.print_whole_step_rows(name, seconds, args.steps, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -1,6 +1,7 @@
 """The backend-neutral core, one test body per property, run on every array library."""
 
 import contextlib
+import itertools
 import subprocess
 import sys
 
@@ -48,6 +49,25 @@ def test_weight_grad_float32_stays_accurate(xp, case):
                          case.lam)
     assert out.dtype == xp.float32
     assert_close(out, case.grad_weight.reshape(out.shape), 2e-4, case.name)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES + CONV_CASES, ids=case_id)
+def test_packed_statistics_of_parts_precondition_to_the_union_batch(xp, case):
+    """Packed [G^T X, X^T X, b] of three row ranges (one maybe empty), summed and scaled as
+    a loss scaler would, give the fixture's gradient over all rows."""
+    patches, grads = rows_of(case)
+    g, b, n_g = patches.shape
+    m = g * grads.shape[-1]
+    cuts = sorted([0, b, *np.random.default_rng(b).integers(0, b + 1, 2).tolist()])
+    total = 0
+    for lo, hi in itertools.pairwise(cuts):
+        grad_w = np.swapaxes(grads[:, lo:hi], -1, -2) @ patches[:, lo:hi]
+        gram = np.swapaxes(patches[:, lo:hi], -1, -2) @ patches[:, lo:hi]
+        packed = tc.pack_statistics(asarray(xp, grad_w), asarray(xp, gram), hi - lo, case.lam)
+        assert packed.shape == (tc.packed_size(m, n_g, g),)
+        total = total + packed * 1024.0
+    out = tc.unpack_and_precondition(total / 1024.0, m, n_g, g)
+    assert_close(out, case.grad_weight.reshape(out.shape), 1e-9, case.name)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)

@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent("""
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from conftest import CASES, Case
+    import tract_core.jax as tj
     from test_jax import (case_arrays, case_ops, conv_options, kernel_to_torch,
                           patches_reference, tract_reference)
 
@@ -60,8 +61,14 @@ SCRIPT = textwrap.dedent("""
             assert np.array_equal(grads[0], grads[1])
             return grads[0]
         shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-        args = shard(kernel, P()), shard(x, P("d")), shard(grad_z, P("d"))
         specs = dict(mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P())
+        if mode == "accumulate":  # jax.grad inside sums the replicated node's gradient
+            groups = case.groups if case.kind != "linear" else 1
+            node = tj.accumulating(kernel, feature_group_count=groups)
+            summed = jax.jit(jax.shard_map(jax.grad(local_loss), **specs))(
+                node, shard(x, P("d")), shard(grad_z, P("d")))
+            return tj.finalize(summed).kernel
+        args = shard(kernel, P()), shard(x, P("d")), shard(grad_z, P("d"))
         if mode == "shard_map_outer":  # gradient of the summed per-device losses
             total = jax.shard_map(lambda k, x, g: lax.psum(local_loss(k, x, g), "d"), **specs)
             return jax.jit(jax.grad(total))(*args)
@@ -87,7 +94,8 @@ SCRIPT = textwrap.dedent("""
                   ("linear_b_lt_n", "vmap", "d"),
                   ("conv2d_cifar_stem", "shard_map_outer", None),
                   ("linear_rows", "shard_map_inner", None), ("stem7x7s2", "shard_map_inner", "d"),
-                  ("stem7x7s2", "vmap", "d")]
+                  ("stem7x7s2", "vmap", "d"), ("conv3d_stride_groups", "accumulate", None),
+                  ("linear_rows", "accumulate", None)]
     for name, mode, axis_name in scenarios:
         case = next(c for c in CASES if c.name == name)
         key = f"{name}/{mode}/{axis_name}"
@@ -147,6 +155,15 @@ def test_unsynced_devices_use_local_statistics(device_results, case_name, mode):
     grad = result_of(device_results, case_name, mode, None)
     error = np.linalg.norm(grad - case.grad_weight) / np.linalg.norm(case.grad_weight)
     assert error > 1e-3
+
+
+@pytest.mark.parametrize("case_name", ["conv3d_stride_groups", "linear_rows"])
+def test_accumulating_kernel_summed_over_devices_equals_full_batch(device_results, case_name):
+    """An accumulating kernel's statistics summed over devices as its gradient is, then
+    finalized: no axis_name needed."""
+    case = next(c for c in CASES if c.name == case_name)
+    assert_close(result_of(device_results, case_name, "accumulate", None), case.grad_weight,
+                 1e-9)
 
 
 def test_axis_name_of_a_vmap_is_rejected():

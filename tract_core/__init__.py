@@ -17,8 +17,11 @@ from ._core import (
     conv_weight_grad,
     gram,
     moments,
+    pack_statistics,
+    packed_size,
     precondition,
     statistics_dtype,
+    unpack_and_precondition,
     uses_push_through,
     weight_grad,
 )
@@ -34,8 +37,11 @@ __all__ = [
     "disjoint_patches",
     "gram",
     "moments",
+    "pack_statistics",
+    "packed_size",
     "precondition",
     "statistics_dtype",
+    "unpack_and_precondition",
     "uses_push_through",
     "weight_grad",
 ]

@@ -4,12 +4,12 @@ The core writes TrAct's math once against the array API; what the standard lacks
 library does better is here, one small class per library, picked from the arrays'
 namespace and importing only what the caller already imported (as einops picks its
 backends): ``spd_solve`` (Cholesky and two triangular solves, NaN/Inf giving NaN with no
-host round trip), ``has_float64``, ``constant`` (numpy index arrays on the device, once
-per device in eager PyTorch), ``filter_grad`` (the library's conv weight-gradient
-kernel) and ``correlate`` (the same at stride 1, for the structured Gram),
-``few_patch_entries`` (up to which explicit patches beat that kernel), ``batch_size``
-and ``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A namespace with
-its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
+host round trip), ``has_float64``, ``device`` (where new arrays go), ``constant`` (numpy
+index arrays on the device, once per device in eager PyTorch), ``filter_grad`` (the
+library's conv weight-gradient kernel) and ``correlate`` (the same at stride 1, for the
+structured Gram), ``few_patch_entries`` (up to which explicit patches beat that kernel),
+``batch_size`` and ``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A
+namespace with its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ class _Generic:
     def has_float64(self, device):
         return True
 
+    @staticmethod
+    def device(a):
+        """Where arrays made to go with ``a`` are placed (``device=`` of array creation)."""
+        return array_api_compat.device(a)
+
     def constant(self, key, array, dtype, device):
         """``array`` (numpy) on ``device``; ``key`` names it for backends that cache."""
         return self.xp.asarray(array, dtype=dtype, device=device)
@@ -46,7 +51,7 @@ class _Generic:
         """``a^-1 rhs`` for symmetric positive definite ``a`` (..., n, n), rhs (..., n, k)."""
         xp = self.xp
         if not bool(xp.all(xp.isfinite(a))):  # eager libraries only: NaN/Inf give NaN
-            device = array_api_compat.device(rhs)
+            device = self.device(rhs)
             return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=device)
         chol = xp.linalg.cholesky(a)
         # Triangular systems solved as general ones: no triangular solve in the standard.
@@ -139,6 +144,12 @@ class _Jax(_Generic):
         # Without jax_enable_x64 (or a jax.enable_x64 context while tracing) JAX turns
         # float64 into float32; the JAX adapter traces its backward with float64 enabled.
         return self.jax.dtypes.canonicalize_dtype(self.jax.numpy.float64) == "float64"
+
+    def device(self, a):
+        # A sharded array's device is its sharding, which cannot place an array of another
+        # rank; None lets JAX place the new array with the computation.
+        found = array_api_compat.device(a)
+        return found if isinstance(found, self.jax.Device) else None
 
     def spd_solve(self, a, rhs):
         # jnp's Cholesky returns NaN where the factorization fails; that flows on.

@@ -20,7 +20,6 @@ import itertools
 import math
 from collections.abc import Sequence
 
-import array_api_compat
 import numpy as np
 
 from . import _patches
@@ -42,7 +41,7 @@ def conv_gram(x: Array, kernel_size: Sequence[int], stride: Sequence[int],
         equal to the Gram of `tract_core.conv_patches`.
     """
     xp = xp or namespace(x)
-    device = array_api_compat.device(x)
+    device = backend(xp).device(x)
     x = xp.astype(x, statistics_dtype(xp, x.dtype, device), copy=False)
     kernel_size, stride, dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
     n_g = x.shape[1] // groups * math.prod(kernel_size)
@@ -166,7 +165,7 @@ def _frame(xp, x, plan, geometry):
     """sum_p mask[p, r1] X[p, r1] X[p, r2] over the frame positions p, their patches
     gathered in chunks of positions to bound memory."""
     n_batch, n_cols = x.shape[0], plan.frame_index.shape[1]
-    device, constant = array_api_compat.device(x), backend(xp).constant
+    device, constant = backend(xp).device(x), backend(xp).constant
     frame = xp.zeros((n_cols, n_cols), dtype=x.dtype, device=device)
     flat = xp.reshape(x, (n_batch, math.prod(x.shape[1:])))
     step = max(1, _FRAME_CHUNK // (n_batch * n_cols))
@@ -206,7 +205,7 @@ def _phase_stack(xp, x, plan, stride):
             if have < length:
                 fill = list(image.shape)
                 fill[2 + axis] = length - have
-                zeros = xp.zeros(tuple(fill), dtype=x.dtype, device=array_api_compat.device(x))
+                zeros = xp.zeros(tuple(fill), dtype=x.dtype, device=backend(xp).device(x))
                 image = xp.concat([image, zeros], axis=2 + axis)
         images.append(image)
     return xp.concat(images, axis=1) if len(images) > 1 else images[0]

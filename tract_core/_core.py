@@ -25,8 +25,6 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import array_api_compat
-
 from . import _conv_gram, _patches
 from ._backends import Array, Namespace, backend, namespace, statistics_dtype
 
@@ -49,7 +47,7 @@ def _mT(xp, a):
 
 
 def _in_statistics_dtype(xp, *arrays):
-    dtype = statistics_dtype(xp, arrays[0].dtype, array_api_compat.device(arrays[0]))
+    dtype = statistics_dtype(xp, arrays[0].dtype, backend(xp).device(arrays[0]))
     return [xp.astype(a, dtype, copy=False) for a in arrays]
 
 
@@ -105,10 +103,58 @@ def precondition(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
         count = max(count, 1)  # b = 0: a zero Gram over one row, lam I, a zero result
     else:
         count = xp.where(count > 0, xp.astype(count, gram.dtype), 1.0)
-    eye = xp.eye(gram.shape[-1], dtype=gram.dtype, device=array_api_compat.device(gram))
+    eye = xp.eye(gram.shape[-1], dtype=gram.dtype, device=backend(xp).device(gram))
     # grad_w A^-1 = (A^-1 grad_w^T)^T since A is symmetric.
     out = _mT(xp, backend(xp).spd_solve(gram / count + lam * eye, _mT(xp, gw)))
     return xp.astype(out, grad_w.dtype, copy=False)
+
+
+def pack_statistics(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
+                    xp: Namespace | None = None) -> Array:
+    """``[G^T X, X^T X + lam b I, b]`` as one flat vector: what exact gradient accumulation
+    adds up over micro-batches (and all-reduces over replicas) before
+    `unpack_and_precondition`.
+
+    Every entry is linear in the rows' contributions, ``lam b I`` included, so any sum or
+    mean of such vectors (a scaled loss too) gives the union batch's system
+    ``sum (X^T X + lam b I) / sum b = X^T X / b + lam I`` and its TrAct gradient.
+
+    Args:
+        grad_w: (g, m/g, n_g) per group. gram: (g, n_g, n_g). count: b, the rows.
+        lam: finite float > 0.
+
+    Returns:
+        (m n_g + g n_g^2 + 1,) in the Gram's dtype.
+    """
+    lam = check_lam(lam)
+    xp = xp or namespace(grad_w, gram)
+    device = backend(xp).device(gram)
+    count = xp.asarray(count, dtype=gram.dtype, device=device)
+    system = gram + (lam * count) * xp.eye(gram.shape[-1], dtype=gram.dtype, device=device)
+    return xp.concat([xp.reshape(xp.astype(grad_w, gram.dtype), (-1,)),
+                      xp.reshape(system, (-1,)), xp.reshape(count, (1,))], axis=0)
+
+
+def packed_size(m: int, n_g: int, groups: int = 1) -> int:
+    """The length of `pack_statistics`'s vector for m outputs, g groups of n_g inputs."""
+    return m * n_g + groups * n_g * n_g + 1
+
+
+def unpack_and_precondition(packed: Array, m: int, n_g: int, groups: int = 1, *,
+                            xp: Namespace | None = None) -> Array:
+    """TrAct's gradient from summed `pack_statistics` vectors, per group:
+    ``(sum G^T X) (sum (X^T X + lam b I) / sum b)^-1``, (g, m/g, n_g), in packed's dtype.
+    With no rows (sum b = 0) everything is zero, and so is the result."""
+    xp = xp or namespace(packed)
+    (sums,) = _in_statistics_dtype(xp, packed)
+    split, count = m * n_g, sums[-1]
+    grad_w = xp.reshape(sums[:split], (groups, m // groups, n_g))
+    system = xp.reshape(sums[split:-1], (groups, n_g, n_g))
+    empty = xp.astype(count == 0, sums.dtype)  # b = 0: the identity, a zero result
+    eye = xp.eye(n_g, dtype=sums.dtype, device=backend(xp).device(sums))
+    system = system / (count + empty) + empty * eye
+    out = _mT(xp, backend(xp).spd_solve(system, _mT(xp, grad_w)))
+    return xp.astype(out, packed.dtype, copy=False)
 
 
 def _check_lam_fits(xp, lam, dtype):
@@ -121,7 +167,7 @@ def _push_through(xp, x, grad_z, lam):
     x, grad_z = _in_statistics_dtype(xp, x, grad_z)
     _check_lam_fits(xp, lam, x.dtype)
     b = x.shape[-2]
-    eye = xp.eye(b, dtype=x.dtype, device=array_api_compat.device(x))
+    eye = xp.eye(b, dtype=x.dtype, device=backend(xp).device(x))
     coef = backend(xp).spd_solve(xp.matmul(x, _mT(xp, x)) / b + lam * eye, grad_z)
     return xp.matmul(_mT(xp, coef), x)
 

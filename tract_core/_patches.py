@@ -11,8 +11,6 @@ import itertools
 import math
 from collections.abc import Sequence
 
-import array_api_compat
-
 from ._backends import Array, Namespace, backend, namespace, statistics_dtype
 
 
@@ -106,7 +104,7 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     positions = math.prod(grad_z.shape[2:])
     disjoint = disjoint_patches(kernel_size, stride, dilation)
 
-    dtype = statistics_dtype(xp, x.dtype, array_api_compat.device(x))
+    dtype = statistics_dtype(xp, x.dtype, backend(xp).device(x))
 
     def products(x, grad_z):
         # Cast here, a chunk at a time: a float64 copy of the whole input and gradient

@@ -1,13 +1,13 @@
 """Exact gradient accumulation for the PyTorch adapter: k backward passes, one TrAct step.
 
 A layer wrapped with ``accumulate=True`` adds each backward's statistics, ``G^T X``,
-``X^T X`` and the row count b (in `tract_core.statistics_dtype`), to one flat tensor of
-its own, the way autograd adds gradients, and gives its weight a zero gradient
-meanwhile. `finalize` turns the sums into the union batch's TrAct gradient,
-``(sum G_i^T X_i) (sum X_i^T X_i / sum b_i + lam I)^-1``, all-reducing them first
-under data parallelism (one all-reduce, averaged as DDP averages gradients). Until
-then, ``optimizer.step()`` on that weight raises: a forgotten `finalize` cannot train
-on zero gradients.
+``X^T X + lam b I`` and the row count b (`tract_core.pack_statistics`, in
+`tract_core.statistics_dtype`), to one flat tensor of its own, the way autograd adds
+gradients, and gives its weight a zero gradient meanwhile. `finalize` turns the sums into
+the union batch's TrAct gradient, ``(sum G_i^T X_i) (sum X_i^T X_i / sum b_i + lam I)^-1``,
+all-reducing them first under data parallelism (one all-reduce, averaged as DDP averages
+gradients). Until then, ``optimizer.step()`` on that weight raises: a forgotten `finalize`
+cannot train on zero gradients.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ _ACCUMULATING = weakref.WeakSet()  # layers made with accumulate=True
 _HOOK = []  # the optimizer step pre-hook's handle, registered on first use
 
 
-def _sizes(weight, groups):
-    """(moment, gram) entries of the flat statistics: (g, M/g, n_g) and (g, n_g, n_g)."""
-    n_g = math.prod(weight.shape[1:])
-    return weight.shape[0] * n_g, groups * n_g * n_g
+def _packed_size(weight, groups):
+    return _tc.packed_size(weight.shape[0], math.prod(weight.shape[1:]), groups)
 
 
-def statistics(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor,
+def statistics(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor, lam: float,
                pad: list[int], stride: list[int], dilation: list[int],
                groups: int) -> torch.Tensor:
-    """One backward's [G^T X, X^T X, b] of the layer, flat, in the statistics dtype."""
+    """One backward's packed [G^T X, X^T X + lam b I, b], in the statistics dtype."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, grad_z.dtype), weight.dtype)
     with torch.autocast(grad_z.device.type, enabled=False):
         x, grad_z = x.to(dtype), grad_z.to(dtype)
@@ -48,7 +46,7 @@ def statistics(x: torch.Tensor, grad_z: torch.Tensor, weight: torch.Tensor,
             x, grad_z = x.reshape(-1, weight.shape[1]), grad_z.reshape(-1, weight.shape[0])
             moment, gram = _tc.moments(x, grad_z, xp=_xp)
             rows = x.shape[0]
-    return torch.cat([moment.reshape(-1), gram.reshape(-1), gram.new_full((1,), rows)])
+    return _tc.pack_statistics(moment, gram, rows, lam, xp=_xp)
 
 
 # As the weight gradient's op in torch.py: torch.compile runs it eagerly in a backward.
@@ -56,9 +54,9 @@ statistics_op = torch.library.custom_op("tract_core::statistics", statistics, mu
 
 
 @statistics_op.register_fake
-def _(x, grad_z, weight, pad, stride, dilation, groups):
+def _(x, grad_z, weight, lam, pad, stride, dilation, groups):
     dtype = _tc.statistics_dtype(_xp, weight.dtype, weight.device)
-    return weight.new_empty((sum(_sizes(weight, groups)) + 1,), dtype=dtype)
+    return weight.new_empty((_packed_size(weight, groups),), dtype=dtype)
 
 
 def _check_finalized(optimizer, args, kwargs):
@@ -84,7 +82,7 @@ def attach(layer: nn.Module) -> None:
     check_not_pending(layer)
     weight, groups = layer.weight, getattr(layer, "groups", 1)
     dtype = _tc.statistics_dtype(_xp, weight.dtype, weight.device)
-    layer._statistics = torch.zeros(sum(_sizes(weight, groups)) + 1, dtype=dtype,
+    layer._statistics = torch.zeros(_packed_size(weight, groups), dtype=dtype,
                                     device=weight.device, requires_grad=True)
     register(layer)
 
@@ -140,15 +138,13 @@ def finalize(module: nn.Module) -> int:
     """
     layers = _accumulating(module)
     for layer in layers:
-        flat, groups = layer._statistics.grad, layer.groups if hasattr(layer, "groups") else 1
+        packed, groups = layer._statistics.grad, getattr(layer, "groups", 1)
         group, replicas = _replicas(layer)
-        if replicas > 1:
-            torch.distributed.all_reduce(flat, group=group)
-        moment_size, gram_size = _sizes(layer.weight, groups)
-        n_g = math.prod(layer.weight.shape[1:])
-        moment = flat[:moment_size].reshape(groups, -1, n_g) / replicas
-        gram = flat[moment_size:moment_size + gram_size].reshape(groups, n_g, n_g)
-        grad = _tc.precondition(moment, gram, flat[-1], layer.lam, xp=_xp)
+        if replicas > 1:  # summed, then averaged as DDP averages gradients
+            torch.distributed.all_reduce(packed, group=group)
+            packed = packed / replicas
+        grad = _tc.unpack_and_precondition(packed, layer.weight.shape[0],
+                                           math.prod(layer.weight.shape[1:]), groups, xp=_xp)
         grad = grad.reshape(layer.weight.shape).to(layer.weight.dtype)
         if layer.weight.grad is None:
             layer.weight.grad = grad

@@ -11,6 +11,10 @@ mapped by ``jax.vmap`` share one Gram (under ``jax.vmap(jax.grad(...))`` each ge
 share of the batch gradient); a vmapped kernel keeps its own. ``axis_name`` sums the Gram
 over the devices of an enclosing ``jax.shard_map`` or ``jax.pmap``: see the distributed
 training guide. Traceable, with no host callbacks; shapes, options and ``lam`` are static.
+
+Exact gradient accumulation over micro-batches (``lax.scan``, ``optax.MultiSteps``): pass
+``accumulating(kernel)`` as the kernel, sum or average the gradients as usual, then
+`finalize` them (or put `precondition_accumulated` first in the optimizer chain).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from tract_core import _args
 from tract_core._backends import backend
 from tract_core._jax_vmap import merge_leading, pooled_over_vmap, varying_alike
 
-__all__ = ["conv", "dense"]
+__all__ = ["AccumulatingKernel", "accumulating", "conv", "dense", "finalize",
+           "precondition_accumulated"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +152,141 @@ def _tract_op(layer):
     return op
 
 
-def _call(x, kernel, bias, lam, precision, axis_name, *conv_options):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel", "statistics"],
+                   meta_fields=["groups"])
+@dataclasses.dataclass(frozen=True)
+class AccumulatingKernel:
+    """A kernel whose TrAct gradient accumulates exactly over micro-batches.
+
+    A pytree of two arrays: ``kernel`` and ``statistics``, zeros of
+    `tract_core.packed_size` entries. The gradient of a loss through `dense` or `conv`
+    is again an ``AccumulatingKernel``: NaN for the kernel (until `finalize`) and the
+    call's `tract_core.pack_statistics`, ``[G^T X, X^T X + lam b I, b]``, for the
+    statistics. Sums and means of such gradients (``lax.scan``, ``optax.MultiSteps``,
+    over devices) stay exact: `finalize` turns them into the union batch's
+    ``(sum G^T X)(sum X^T X / sum b + lam I)^-1``. The statistics are float64 with
+    ``jax_enable_x64``, else float32.
+    """
+
+    kernel: jax.Array
+    statistics: jax.Array
+    groups: int = 1
+
+
+def accumulating(kernel: jax.typing.ArrayLike, *,
+                 feature_group_count: int = 1) -> AccumulatingKernel:
+    """``kernel`` with zero statistics, for exact accumulation (see `AccumulatingKernel`).
+
+    Args:
+        kernel: (n, m) for `dense` or (*window, C/g, M) for `conv`, Flax layout.
+        feature_group_count: the conv's feature groups g (one Gram each).
+
+    Returns:
+        The pytree to keep in the parameters in place of ``kernel``.
+    """
+    kernel = jnp.asarray(kernel)
+    shape, groups = kernel.shape, feature_group_count
+    if kernel.ndim < 2 or not _args.is_int(groups) or groups < 1 or shape[-1] % groups:
+        raise ValueError(f"kernel must have shape (n, m) or (*window, C/g, M) with M divisible "
+                         f"by feature_group_count; got shape {shape} and feature_group_count "
+                         f"{groups!r}")
+    dtype = _tc.statistics_dtype(jnp, kernel.dtype, name="kernel")
+    size = _tc.packed_size(shape[-1], math.prod(shape[:-1]), int(groups))
+    return AccumulatingKernel(kernel, jnp.zeros(size, dtype), int(groups))
+
+
+def _finalized(node: AccumulatingKernel) -> AccumulatingKernel:
+    shape, g = node.kernel.shape, node.groups
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        out = _tc.unpack_and_precondition(node.statistics, shape[-1], math.prod(shape[:-1]),
+                                          g, xp=jnp)  # (g, M/g, n_g), torch layout
+        if len(shape) == 2:
+            out = out[0].T
+        else:  # (g, M/g, C/g, *window) -> Flax's (*window, C/g, M)
+            out = jnp.reshape(out, (g, shape[-1] // g, shape[-2], *shape[:-2]))
+            out = jnp.reshape(jnp.transpose(out, (*range(3, len(shape) + 1), 2, 0, 1)), shape)
+        out = out.astype(node.kernel.dtype)
+    return dataclasses.replace(node, kernel=out, statistics=jnp.zeros_like(node.statistics))
+
+
+def finalize(grads):
+    """Accumulated gradients with every `AccumulatingKernel`'s kernel gradient written.
+
+    Call it on the summed (or averaged) gradients of the micro-batches, before anything
+    reads them (clipping, finiteness checks, the optimizer). Each kernel gradient becomes
+    TrAct's on the union of the micro-batches, scaled as the plain accumulated gradient;
+    the statistics gradients become zero, so the optimizer leaves the statistics at zero.
+
+    Args:
+        grads: any pytree of gradients holding `AccumulatingKernel` nodes.
+
+    Returns:
+        The same structure. Without ``finalize`` the kernel gradients are NaN.
+    """
+    return jax.tree.map(lambda node: _finalized(node) if isinstance(node, AccumulatingKernel)
+                        else node, grads,
+                        is_leaf=lambda node: isinstance(node, AccumulatingKernel))
+
+
+def precondition_accumulated():
+    """An optax transformation that applies `finalize` to the updates: first in the inner
+    chain of ``optax.MultiSteps``, before clipping and the optimizer.
+
+    Returns:
+        ``optax.GradientTransformation`` (stateless).
+    """
+    import optax
+
+    return optax.stateless(lambda updates, params=None: finalize(updates))
+
+
+@functools.cache
+def _accumulating_op(layer):
+    """The custom_vjp op whose statistics input receives the call's [G^T X, X^T X, b]."""
+
+    def statistics(x, grad_z):
+        with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+            x, grad_z = layer.core_layout(x, grad_z)
+            if layer.window:
+                geometry = (layer.window, layer.strides, layer.dilation, layer.groups)
+                moment, gram = _tc.conv_moments(x, grad_z, *geometry, xp=jnp)
+                rows = grad_z.shape[0] * math.prod(grad_z.shape[2:])
+            else:
+                moment, gram = (a[None] for a in _tc.moments(x, grad_z, xp=jnp))
+                rows = x.shape[0]
+            return _tc.pack_statistics(moment, gram, rows, layer.lam, xp=jnp)
+
+    def backward(residuals, grad_z):
+        x, kernel, bias, sums = residuals
+        grad_x, grad_bias = jax.vjp(lambda x, b: layer.apply(x, kernel, b), x, bias)[1](grad_z)
+        # NaN until finalize writes the union batch's gradient: forgetting it cannot train.
+        return (grad_x, jnp.full_like(kernel, jnp.nan), grad_bias,
+                statistics(x, grad_z).astype(sums.dtype))
+
+    op = jax.custom_vjp(lambda x, kernel, bias, sums: layer.apply(x, kernel, bias))
+    op.defvjp(lambda x, kernel, bias, sums: (layer.apply(x, kernel, bias),
+                                             (x, kernel, bias, sums)), backward)
+    return op
+
+
+def _unpack(kernel, axis_name, groups=1):
+    """(kernel array, statistics or None): an `AccumulatingKernel` checked against the
+    call's options."""
+    if not isinstance(kernel, AccumulatingKernel):
+        return kernel, None
+    if axis_name is not None:
+        raise ValueError("axis_name must be None with an accumulating kernel: the statistics "
+                         "are summed over devices with the gradients")
+    shape = jnp.shape(kernel.kernel)
+    size = _tc.packed_size(shape[-1], math.prod(shape[:-1]), kernel.groups) if shape else 0
+    if groups != kernel.groups or jnp.shape(kernel.statistics) != (size,):
+        raise ValueError(f"the accumulating kernel must come from accumulating(kernel, "
+                         f"feature_group_count={groups!r}): got groups {kernel.groups} and "
+                         f"statistics of shape {jnp.shape(kernel.statistics)}")
+    return kernel.kernel, kernel.statistics
+
+
+def _call(x, kernel, bias, lam, precision, axis_name, *conv_options, statistics=None):
     """The op of these static options applied, the arrays checked now, not in the backward."""
     _args.check_bias_shape(None if bias is None else jnp.shape(bias), jnp.shape(kernel)[-1])
     _tc.statistics_dtype(jnp, jnp.result_type(kernel), name="kernel")  # real floating
@@ -166,17 +305,20 @@ def _call(x, kernel, bias, lam, precision, axis_name, *conv_options):
         raise ValueError(f"precision and axis_name must be static: None, hashable values (an "
                          f"axis name, a Precision) or tuples of them, got {precision!r} and "
                          f"{axis_name!r}") from None
+    if statistics is not None:
+        return _accumulating_op(layer)(*varying_alike(x, kernel, bias, statistics))
     return _tract_op(layer)(*varying_alike(x, kernel, bias))
 
 
-def dense(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
+def dense(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike | AccumulatingKernel,
           bias: jax.typing.ArrayLike | None = None, *, lam: float = 0.1,
           precision: lax.PrecisionLike = None, axis_name: Hashable | None = None) -> jax.Array:
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
         x: (..., n), real (an integer x is promoted, as by lax); each position is a row.
-        kernel: (n, m), Flax layout, a real floating dtype. bias: (m,) or None.
+        kernel: (n, m), Flax layout, a real floating dtype, or `accumulating` of one.
+        bias: (m,) or None.
         lam: finite float > 0, static (0.1 in the paper, 0.2 for long runs).
         precision: ``lax.dot_general``'s, for the forward and the input gradient.
         axis_name: None or the mapped axis name (or tuple of names) of an enclosing
@@ -186,16 +328,17 @@ def dense(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
         (..., m), exactly ``lax.dot_general(x, kernel, ...) + bias`` as ``nnx.Linear``
         computes it. Kernel cotangent: ``(G^T X (X^T X / b + lam I)^-1)^T``, X the rows.
     """
+    kernel, statistics = _unpack(kernel, axis_name)
     shape = jnp.shape(kernel)
     if len(shape) != 2:
         raise ValueError(f"kernel must have shape (n, m), got shape {shape}")
     if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != shape[0]:
         raise ValueError(f"x must have shape (..., {shape[0]}) to match kernel {shape}, got "
                          f"shape {jnp.shape(x)}")
-    return _call(x, kernel, bias, lam, precision, axis_name)
+    return _call(x, kernel, bias, lam, precision, axis_name, statistics=statistics)
 
 
-def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
+def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike | AccumulatingKernel,
          bias: jax.typing.ArrayLike | None = None, *, strides: int | Sequence[int] = 1,
          padding: str | int | Sequence[int | tuple[int, int]] = "VALID",
          kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
@@ -205,7 +348,8 @@ def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
 
     Args:
         x: (N, *spatial, C), the kernel's dtype (as ``lax.conv_general_dilated`` needs).
-        kernel: (*window, C / feature_group_count, M) (Flax, HWIO), real floating.
+        kernel: (*window, C / feature_group_count, M) (Flax, HWIO), real floating, or
+            `accumulating` of one.
         bias: (M,) or None. strides, kernel_dilation: int or one per spatial axis.
         padding: 'SAME', 'VALID', 'SAME_LOWER', an int, or per spatial axis an int or a
             (lo, hi) pair (negative pads crop, as in lax).
@@ -216,6 +360,7 @@ def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
         (N, *out_spatial, M), exactly ``lax.conv_general_dilated`` plus bias as ``nnx.Conv``
         computes it. Kernel cotangent: TrAct's per group, b = N x output positions.
     """
+    kernel, statistics = _unpack(kernel, axis_name, feature_group_count)
     shape, d = jnp.shape(kernel), jnp.ndim(kernel) - 2
     if d not in (1, 2, 3) or 0 in shape[:-2] or jnp.ndim(x) != d + 2:
         raise ValueError(f"x must have shape (N, *spatial, C) and kernel (*window, C/groups, "
@@ -231,7 +376,7 @@ def conv(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
     strides, padding = _args.per_axis(strides, d, "strides"), _args.conv_padding(padding, d)
     dilation = _args.per_axis(kernel_dilation, d, "kernel_dilation")
     z = _call(x, kernel, bias, lam, precision, axis_name, shape[:-2], strides, padding,
-              dilation, int(groups))
+              dilation, int(groups), statistics=statistics)
     if 0 in z.shape[1:-1]:  # lax's output is empty: refused now, not in the backward
         raise ValueError(f"kernel window {shape[:-2]} with kernel_dilation {dilation} does not "
                          f"fit x's spatial shape {jnp.shape(x)[1:-1]} padded with {padding!r}")

@@ -119,7 +119,7 @@ class _TrActGrads(torch.autograd.Function):
         compiling = torch.compiler.is_compiling()
         if ctx.accumulating:  # the sums go to the statistics; the weight's wait for finalize
             statistics = (_accumulate.statistics_op if compiling else _accumulate.statistics)(
-                x, grad_z, weight, *spec[3:-1])
+                x, grad_z, weight, spec.lam, *spec[3:-1])
             grad_w = torch.zeros_like(weight)
         elif ctx.needs_input_grad[1]:
             weight_grad = _weight_grad_op if compiling else _weight_grad

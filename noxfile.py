@@ -10,6 +10,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
+KERAS_TESTS = ["tests/test_keras.py", "tests/test_keras_accumulation.py", "tests/test_fuzz.py"]
 # session name -> (requirements file, frameworks that must import, test files, extra env)
 BACKENDS = {
     "numpy": ("numpy", "numpy", ["tests/test_core.py", "tests/test_fixtures.py",
@@ -17,23 +18,18 @@ BACKENDS = {
     "torch": ("torch", "numpy torch",
               ["tests/test_core.py", "tests/test_torch.py", "tests/test_torch_accumulation.py",
                "tests/test_fuzz.py"], {}),
-    "jax": ("jax", "numpy jax optax", ["tests/test_core.py", "tests/test_jax.py",
-                                       "tests/test_jax_accumulation.py",
-                                 "tests/test_functional.py", "tests/test_fuzz.py"], {}),
+    "jax": ("jax", "numpy jax optax",
+            ["tests/test_core.py", "tests/test_jax.py", "tests/test_jax_accumulation.py",
+             "tests/test_functional.py", "tests/test_fuzz.py"], {}),
     "flax": ("flax", "numpy jax flax equinox optax",
              ["tests/test_flax.py", "tests/test_fuzz.py"], {}),
     "tensorflow": ("tensorflow", "numpy tensorflow",
                    ["tests/test_core.py", "tests/test_tensorflow.py",
                     "tests/test_functional.py", "tests/test_fuzz.py"], {}),
-    "keras-tensorflow": ("keras-tensorflow", "numpy keras tensorflow",
-                           ["tests/test_keras.py", "tests/test_fuzz.py"],
+    "keras-tensorflow": ("keras-tensorflow", "numpy keras tensorflow", KERAS_TESTS,
                          {"KERAS_BACKEND": "tensorflow"}),
-    "keras-jax": ("keras-jax", "numpy keras jax",
-                  ["tests/test_keras.py", "tests/test_fuzz.py"],
-                  {"KERAS_BACKEND": "jax"}),
-    "keras-torch": ("keras-torch", "numpy keras torch",
-                     ["tests/test_keras.py", "tests/test_fuzz.py"],
-                    {"KERAS_BACKEND": "torch"}),
+    "keras-jax": ("keras-jax", "numpy keras jax", KERAS_TESTS, {"KERAS_BACKEND": "jax"}),
+    "keras-torch": ("keras-torch", "numpy keras torch", KERAS_TESTS, {"KERAS_BACKEND": "torch"}),
     "examples": ("examples", "numpy torch sklearn matplotlib tqdm jax flax optax keras",
                  ["tests/test_examples.py", "tests/test_benchmarks.py"],
                  {"KERAS_BACKEND": "jax"}),

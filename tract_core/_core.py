@@ -157,6 +157,28 @@ def unpack_and_precondition(packed: Array, m: int, n_g: int, groups: int = 1, *,
     return xp.astype(out, packed.dtype, copy=False)
 
 
+def to_channels_last_kernel(grad_w: Array, kernel_shape: Sequence[int], *,
+                            xp: Namespace | None = None) -> Array:
+    """A per-group weight gradient in the kernel layout of Flax, Keras and TensorFlow.
+
+    Args:
+        grad_w: (g, M/g, C/g * prod(window)), each row in torch's (C/g, *window) order
+            (as `unpack_and_precondition` returns it).
+        kernel_shape: (n, m) for a dense kernel, or (*window, C/g, M).
+
+    Returns:
+        grad_w with shape ``kernel_shape``.
+    """
+    xp = xp or namespace(grad_w)
+    *window, c_g, m = kernel_shape
+    groups = grad_w.shape[0]
+    if not window:  # dense: (1, m, n) -> (n, m)
+        return xp.permute_dims(xp.reshape(grad_w, (m, c_g)), (1, 0))
+    out = xp.reshape(grad_w, (groups, m // groups, c_g, *window))
+    out = xp.permute_dims(out, (*range(3, 3 + len(window)), 2, 0, 1))
+    return xp.reshape(out, tuple(kernel_shape))
+
+
 def _check_lam_fits(xp, lam, dtype):
     if lam >= float(xp.finfo(dtype).max):
         raise ValueError(f"lam must be below the largest {dtype}, the solve's dtype; got {lam!r}")

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 from tract_core._requires import requires
 
@@ -160,7 +161,7 @@ class AccumulatingKernel:
 
     A pytree of two arrays: ``kernel`` and ``statistics``, zeros of
     `tract_core.packed_size` entries. The gradient of a loss through `dense` or `conv`
-    is again an ``AccumulatingKernel``: NaN for the kernel (until `finalize`) and the
+    is again an ``AccumulatingKernel``: zero for the kernel (until `finalize`) and the
     call's `tract_core.pack_statistics`, ``[G^T X, X^T X + lam b I, b]``, for the
     statistics. Sums and means of such gradients (``lax.scan``, ``optax.MultiSteps``,
     over devices) stay exact: `finalize` turns them into the union batch's
@@ -199,13 +200,8 @@ def _finalized(node: AccumulatingKernel) -> AccumulatingKernel:
     shape, g = node.kernel.shape, node.groups
     with jax.enable_x64(True), jax.default_matmul_precision("highest"):
         out = _tc.unpack_and_precondition(node.statistics, shape[-1], math.prod(shape[:-1]),
-                                          g, xp=jnp)  # (g, M/g, n_g), torch layout
-        if len(shape) == 2:
-            out = out[0].T
-        else:  # (g, M/g, C/g, *window) -> Flax's (*window, C/g, M)
-            out = jnp.reshape(out, (g, shape[-1] // g, shape[-2], *shape[:-2]))
-            out = jnp.reshape(jnp.transpose(out, (*range(3, len(shape) + 1), 2, 0, 1)), shape)
-        out = out.astype(node.kernel.dtype)
+                                          g, xp=jnp)
+        out = _tc.to_channels_last_kernel(out, shape, xp=jnp).astype(node.kernel.dtype)
     return dataclasses.replace(node, kernel=out, statistics=jnp.zeros_like(node.statistics))
 
 
@@ -213,31 +209,39 @@ def finalize(grads):
     """Accumulated gradients with every `AccumulatingKernel`'s kernel gradient written.
 
     Call it on the summed (or averaged) gradients of the micro-batches, before anything
-    reads them (clipping, finiteness checks, the optimizer). Each kernel gradient becomes
-    TrAct's on the union of the micro-batches, scaled as the plain accumulated gradient;
-    the statistics gradients become zero, so the optimizer leaves the statistics at zero.
+    reads them (clipping, the optimizer). Each kernel gradient becomes TrAct's on the
+    union of the micro-batches, scaled as the plain accumulated gradient; the statistics
+    gradients become zero, so the optimizer leaves the statistics at zero. (Without
+    ``finalize`` the optimizer steps the statistics, and the layer's next output is NaN.)
 
     Args:
         grads: any pytree of gradients holding `AccumulatingKernel` nodes.
 
     Returns:
-        The same structure. Without ``finalize`` the kernel gradients are NaN.
+        The same structure.
     """
     return jax.tree.map(lambda node: _finalized(node) if isinstance(node, AccumulatingKernel)
                         else node, grads,
                         is_leaf=lambda node: isinstance(node, AccumulatingKernel))
 
 
-def precondition_accumulated():
+class _Finalizing(NamedTuple):
+    """A stateless optax GradientTransformation (its ``init``/``update`` pair)."""
+
+    init: Callable
+    update: Callable
+
+
+def precondition_accumulated() -> _Finalizing:
     """An optax transformation that applies `finalize` to the updates: first in the inner
     chain of ``optax.MultiSteps``, before clipping and the optimizer.
 
     Returns:
-        ``optax.GradientTransformation`` (stateless).
+        A stateless ``optax.GradientTransformation`` (an ``(init, update)`` pair, made
+        without importing optax).
     """
-    import optax
-
-    return optax.stateless(lambda updates, params=None: finalize(updates))
+    return _Finalizing(lambda params: (),
+                       lambda updates, state, params=None: (finalize(updates), state))
 
 
 @functools.cache
@@ -256,16 +260,21 @@ def _accumulating_op(layer):
                 rows = x.shape[0]
             return _tc.pack_statistics(moment, gram, rows, layer.lam, xp=jnp)
 
+    def forward(x, kernel, bias, sums):
+        # The statistics parameter stays zero when finalize runs before the optimizer; if
+        # not, an optimizer stepped it with the sums: the output turns NaN, as nothing can
+        # raise under jit, rather than train on a zero kernel gradient.
+        skipped = jnp.any(sums != 0)
+        z = layer.apply(x, kernel, bias)
+        return z + jnp.where(skipped, jnp.nan, 0).astype(z.dtype)
+
     def backward(residuals, grad_z):
         x, kernel, bias, sums = residuals
         grad_x, grad_bias = jax.vjp(lambda x, b: layer.apply(x, kernel, b), x, bias)[1](grad_z)
-        # NaN until finalize writes the union batch's gradient: forgetting it cannot train.
-        return (grad_x, jnp.full_like(kernel, jnp.nan), grad_bias,
-                statistics(x, grad_z).astype(sums.dtype))
+        return grad_x, jnp.zeros_like(kernel), grad_bias, statistics(x, grad_z).astype(sums.dtype)
 
-    op = jax.custom_vjp(lambda x, kernel, bias, sums: layer.apply(x, kernel, bias))
-    op.defvjp(lambda x, kernel, bias, sums: (layer.apply(x, kernel, bias),
-                                             (x, kernel, bias, sums)), backward)
+    op = jax.custom_vjp(forward)
+    op.defvjp(lambda *args: (forward(*args), args), backward)
     return op
 
 

@@ -13,11 +13,14 @@ the plain layer's. After ``import tract_core.keras``, ``keras.models.load_model`
 restores the layers (registered as ``tract_core>TrActDense`` etc.), ``lam`` included.
 `wrap_first_layer` finds the first layer of a Sequential or functional model from its
 layer graph and returns a copy of the model with that layer wrapped; `unwrap` undoes `wrap`.
+Layers made with ``accumulate=True`` and an optimizer passed through `exact_accumulation`
+take the union batch's TrAct step under ``gradient_accumulation_steps``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +33,8 @@ with requires("keras", "Keras 3"):
 import tract_core as _tc
 from tract_core._args import resolve_pads
 
-__all__ = ["TrActConv1D", "TrActConv2D", "TrActConv3D", "TrActDense", "unwrap", "wrap",
-           "wrap_first_layer"]
+__all__ = ["TrActConv1D", "TrActConv2D", "TrActConv3D", "TrActDense", "exact_accumulation",
+           "unwrap", "wrap", "wrap_first_layer"]
 
 _ADAPTERS = {backend: f"tract_core.{backend}" for backend in ("tensorflow", "jax", "torch")}
 
@@ -75,11 +78,74 @@ def _non_float_inputs(layer, inputs):
     return not keras.backend.is_float_dtype(dtype)
 
 
+def _statistics_dtype():
+    """float64, but on JAX without jax_enable_x64 (where JAX has no float64)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return str(jax.dtypes.canonicalize_dtype("float64"))
+    return "float64"
+
+
+def _kernel_grad(packed, kernel_shape, groups):
+    """The kernel gradient of summed packed statistics, in the kernel's layout."""
+    m, n_g = kernel_shape[-1], math.prod(kernel_shape[:-1])
+    if keras.backend.backend() == "jax":  # the solve in float64 even without x64
+        import jax
+
+        with jax.enable_x64(True):
+            grad = _tc.unpack_and_precondition(packed, m, n_g, groups)
+            return _tc.to_channels_last_kernel(grad, kernel_shape)
+    grad = _tc.unpack_and_precondition(packed, m, n_g, groups)
+    return _tc.to_channels_last_kernel(grad, kernel_shape)
+
+
 class _TrAct:
-    """Mixin: a TrAct layer is its Keras layer plus ``lam`` and ``sync`` (in the config)."""
+    """Mixin: a TrAct layer is its Keras layer plus ``lam``, ``sync`` and ``accumulate``
+    (in the config); ``accumulate=True`` adds the statistics weight."""
+
+    def _init_tract(self, lam, sync, accumulate):
+        self.lam, self.sync, self.accumulate = lam, bool(sync), bool(accumulate)
+        self.tract_statistics = None
 
     def get_config(self):
-        return {**super().get_config(), "lam": self.lam, "sync": self.sync}
+        return {**super().get_config(), "lam": self.lam, "sync": self.sync,
+                "accumulate": self.accumulate}
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.accumulate:
+            shape, groups = tuple(self.kernel.shape), getattr(self, "groups", 1)
+            self.tract_statistics = self.add_weight(
+                name="tract_statistics", shape=(_tc.packed_size(shape[-1], math.prod(shape[:-1]),
+                                                                groups),),
+                initializer="zeros", dtype=_statistics_dtype(), trainable=True)
+            # What exact_accumulation's optimizer reads to precondition the sums.
+            self.tract_statistics._tract_kernel = (self._kernel, groups)
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)  # the plain layer's, by position
+        if self.tract_statistics is not None:
+            store[str(len(store.keys()))] = self.tract_statistics
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)  # reads the plain layer's positions only
+        if self.tract_statistics is not None:
+            self.tract_statistics.assign(store[str(len(store.keys()) - 1)])
+
+    def _tract_kernel(self, kernel, backend, adapter):
+        """The kernel operand: an accumulating one on JAX (kernel and statistics)."""
+        if self.tract_statistics is None or backend != "jax":
+            return kernel
+        return adapter.AccumulatingKernel(kernel, ops.convert_to_tensor(self.tract_statistics),
+                                          getattr(self, "groups", 1))
+
+    def _tract_options(self, backend, tract):
+        """The adapter's options: the statistics for accumulation on TF and torch."""
+        if self.tract_statistics is None or backend == "jax":
+            return tract
+        statistics = self.tract_statistics.value
+        return {**tract, "statistics": statistics}
 
 
 @keras.saving.register_keras_serializable(package="tract_core")
@@ -92,16 +158,20 @@ class TrActDense(_TrAct, keras.layers.Dense):
         sync: sum the Gram and row count over tf.distribute replicas (TensorFlow) or the
             torch.distributed world (torch): the averaged gradient is then the full-batch
             one. On JAX, Keras's data parallelism already computes over the global batch.
+        accumulate: exact gradient accumulation (with `exact_accumulation` on the
+            optimizer): a ``tract_statistics`` weight receives each batch's packed
+            statistics as its gradient, the kernel's gradient is zero, and the optimizer
+            preconditions the accumulated sums once per update.
         **kwargs: any ``keras.layers.Dense`` option.
 
     Input (..., n), output (..., m); every leading position is one row of the Gram.
     """
 
     def __init__(self, units: int, lam: float = 0.1, sync: bool = False,
-                 **kwargs: Any) -> None:
+                 accumulate: bool = False, **kwargs: Any) -> None:
         lam = _tc.check_lam(lam)  # before building anything
         super().__init__(units, **kwargs)
-        self.lam, self.sync = lam, bool(sync)
+        self._init_tract(lam, sync, accumulate)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         # keras.layers.Dense.call, with the matmul swapped for the adapter's.
@@ -110,6 +180,8 @@ class TrActDense(_TrAct, keras.layers.Dense):
             dtype = keras.backend.result_type(inputs.dtype, kernel.dtype)
             inputs, kernel = ops.cast(inputs, dtype), ops.cast(kernel, dtype)
         backend, adapter, tract = _adapter(self.lam, self.sync)
+        kernel, tract = self._tract_kernel(kernel, backend, adapter), self._tract_options(
+            backend, tract)
         x = (adapter.linear(inputs, kernel.T, None, **tract) if backend == "torch"  # W: (m, n)
              else adapter.dense(inputs, kernel, None, **tract))
         if self.bias is not None:
@@ -119,10 +191,10 @@ class TrActDense(_TrAct, keras.layers.Dense):
 
 class _TrActConv(_TrAct):
     def __init__(self, filters: int, kernel_size: int | Sequence[int], lam: float = 0.1,
-                 sync: bool = False, **kwargs: Any) -> None:
+                 sync: bool = False, accumulate: bool = False, **kwargs: Any) -> None:
         lam = _tc.check_lam(lam)
         super().__init__(filters, kernel_size, **kwargs)
-        self.lam, self.sync = lam, bool(sync)
+        self._init_tract(lam, sync, accumulate)
 
     def call(self, inputs: Any) -> Any:
         # keras.layers.ConvND.call, with ops.conv swapped for the adapter's.
@@ -133,6 +205,8 @@ class _TrActConv(_TrAct):
         if padding == "causal":  # Conv1D only: Keras pads the past, then 'valid'
             inputs, padding = ops.pad(inputs, self._compute_causal_padding()), "valid"
         backend, adapter, tract = _adapter(self.lam, self.sync)
+        kernel, tract = self._tract_kernel(kernel, backend, adapter), self._tract_options(
+            backend, tract)
         if backend == "torch":
             x = _torch_conv(adapter, inputs, kernel, self.strides, padding, self.dilation_rate,
                             self.groups, channels_last, tract)
@@ -155,7 +229,7 @@ class TrActConv1D(_TrActConv, keras.layers.Conv1D):
 
     Args:
         filters, kernel_size, **kwargs: any Conv1D options.
-        lam, sync: as for `TrActDense`.
+        lam, sync, accumulate: as for `TrActDense`.
 
     Padding 'valid', 'same' or 'causal'. Input (N, L, C) channels-last or (N, C, L) channels-first.
     """
@@ -167,7 +241,7 @@ class TrActConv2D(_TrActConv, keras.layers.Conv2D):
 
     Args:
         filters, kernel_size, **kwargs: any Conv2D options.
-        lam, sync: as for `TrActDense`.
+        lam, sync, accumulate: as for `TrActDense`.
 
     Input (N, H, W, C) channels-last or (N, C, H, W) channels-first.
     """
@@ -179,7 +253,7 @@ class TrActConv3D(_TrActConv, keras.layers.Conv3D):
 
     Args:
         filters, kernel_size, **kwargs: any Conv3D options.
-        lam, sync: as for `TrActDense`.
+        lam, sync, accumulate: as for `TrActDense`.
 
     Input (N, D, H, W, C) channels-last or (N, C, D, H, W) channels-first.
     """
@@ -195,21 +269,32 @@ _NORMALIZATIONS = tuple(getattr(keras.layers, name) for name in (
 
 
 def _twin(cls, config, layer):
-    """A ``cls`` layer from ``config``, built and holding a copy of ``layer``'s weights."""
+    """A ``cls`` layer from ``config``, built and holding a copy of ``layer``'s weights
+    (but the statistics weight of exact accumulation: zeros)."""
     twin = cls.from_config(config)
     if layer.built:
         twin.build_from_config(layer.get_build_config())
-        twin.set_weights(layer.get_weights())
+        _copy_weights(twin, layer)
     return twin
 
 
-def wrap(layer: keras.layers.Layer, lam: float = 0.1) -> keras.layers.Layer:
+def _copy_weights(twin, layer):
+    """``layer``'s weights into ``twin``'s, but the statistics of exact accumulation."""
+    weights = lambda layer: [w for w in layer.weights
+                             if w is not getattr(layer, "tract_statistics", None)]
+    for target, source in zip(weights(twin), weights(layer), strict=True):
+        target.assign(source.numpy())  # a copy: JAX may donate the source's buffer later
+
+
+def wrap(layer: keras.layers.Layer, lam: float = 0.1, *,
+         accumulate: bool = False) -> keras.layers.Layer:
     """TrAct twin of a Keras ``Dense``/``Conv1D``/``Conv2D``/``Conv3D`` layer.
 
     Args:
         layer: the plain layer (any options), built or not; a TrAct layer is re-wrapped
             with the new ``lam``.
         lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
+        accumulate: exact gradient accumulation, as for `TrActDense`.
 
     Returns:
         A new ``TrActDense``/``TrActConvND`` with the layer's config (name and dtype policy
@@ -223,7 +308,8 @@ def wrap(layer: keras.layers.Layer, lam: float = 0.1) -> keras.layers.Layer:
     if getattr(layer, "quantization_mode", None):
         raise ValueError(f"wrap() needs a float layer; {layer.name!r} is quantized "
                          f"({layer.quantization_mode})")
-    return _twin(cls, {**layer.get_config(), "lam": lam}, layer)
+    return _twin(cls, {**layer.get_config(), "lam": lam, "accumulate": bool(accumulate)},
+                 layer)
 
 
 def unwrap(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -233,14 +319,15 @@ def unwrap(layer: keras.layers.Layer) -> keras.layers.Layer:
         layer: a ``TrActDense``/``TrActConv1D/2D/3D``, built or not.
 
     Returns:
-        A new ``keras.layers.Dense``/``ConvND`` with the layer's config but ``lam`` and
-        ``sync`` and, if the layer was built, a copy of its weights.
+        A new ``keras.layers.Dense``/``ConvND`` with the layer's config but ``lam``,
+        ``sync`` and ``accumulate`` and, if the layer was built, a copy of its weights.
     """
     cls = _TRACT_TO_PLAIN.get(type(layer))
     if cls is None:
         raise TypeError(f"unwrap() takes a TrActDense or TrActConv1D/2D/3D layer; got layer "
                         f"of type {type(layer).__name__}")
-    config = {k: v for k, v in layer.get_config().items() if k not in ("lam", "sync")}
+    config = {k: v for k, v in layer.get_config().items()
+              if k not in ("lam", "sync", "accumulate")}
     return _twin(cls, config, layer)
 
 
@@ -325,7 +412,7 @@ def _check_supported(model, layer, name, found):
     raise TypeError(f"{what} {name!r} ({kind}) is not a layer TrAct supports: {supported}")
 
 
-def _clone_with_twin(model, target, lam, recursive):
+def _clone_with_twin(model, target, lam, accumulate, recursive):
     """``clone_model`` with ``target`` replaced by its TrAct twin; every weight copied."""
     pairs = []
 
@@ -333,7 +420,7 @@ def _clone_with_twin(model, target, lam, recursive):
         # Keras's own default clone (same class, same config), built by the new graph in
         # the new model's name scope; the weights are copied below.
         twin = layer.__class__.from_config(layer.get_config())
-        twin = wrap(twin, lam) if layer is target else twin
+        twin = wrap(twin, lam, accumulate=accumulate) if layer is target else twin
         pairs.append((layer, twin))
         return twin
 
@@ -343,12 +430,12 @@ def _clone_with_twin(model, target, lam, recursive):
                         f"clone_model copies whole: create it with tract_core.keras.wrap there")
     for layer, twin in pairs:  # built now, by the clone's graph
         if getattr(layer, "weights", None):  # ops (keras.ops in the graph) have none
-            twin.set_weights(layer.get_weights())
+            _copy_weights(twin, layer)
     return new_model
 
 
-def wrap_first_layer(model: keras.Model, lam: float = 0.1, *,
-                     layer: str | None = None) -> tuple[keras.Model, str]:
+def wrap_first_layer(model: keras.Model, lam: float = 0.1, *, layer: str | None = None,
+                     accumulate: bool = False) -> tuple[keras.Model, str]:
     """A copy of a Sequential or functional model whose first layer is its TrAct twin.
 
     The first layer is found from the model's layer graph (the record of its forward): the
@@ -363,6 +450,7 @@ def wrap_first_layer(model: keras.Model, lam: float = 0.1, *,
         lam: finite float > 0; 0.1 in the paper, 0.2 for long runs.
         layer: the name of the layer to wrap instead (``"outer/inner"`` inside a nested
             model), e.g. the convolution after an input normalisation.
+        accumulate: exact gradient accumulation, as for `TrActDense`.
 
     Returns:
         (new model, name of the wrapped layer, ``"outer/inner"`` if nested). A compiled
@@ -386,4 +474,61 @@ def wrap_first_layer(model: keras.Model, lam: float = 0.1, *,
                              f"of {model.name!r}") from None
     name = "/".join(path)
     _check_supported(model, target, name, found=layer is None)
-    return _clone_with_twin(model, target, lam, recursive=len(path) > 1), name
+    return _clone_with_twin(model, target, lam, accumulate, recursive=len(path) > 1), name
+
+
+class _Preconditioning:
+    """Optimizer mixin: before clipping, every accumulating TrAct layer's kernel gradient
+    becomes the preconditioned sums of its statistics weight, whose gradient becomes zero
+    (so the statistics stay zero). Keras averages gradients over
+    ``gradient_accumulation_steps`` first: all entries alike, which keeps the system exact."""
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        # A plain attribute (no tracking): the variables whose gradients _clip_gradients gets.
+        vars(self)["_tract_variables"] = tuple(trainable_variables)
+        return super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _clip_gradients(self, grads):
+        grads, variables = list(grads), vars(self).get("_tract_variables", ())
+        position = {id(v): i for i, v in enumerate(variables)}
+        for i, variable in enumerate(variables):
+            kernel_and_groups = getattr(variable, "_tract_kernel", None)
+            if kernel_and_groups is None or grads[i] is None:
+                continue
+            kernel, groups = kernel_and_groups
+            j = position.get(id(kernel))
+            if j is not None and grads[j] is not None:  # else the kernel is frozen
+                grad = _kernel_grad(grads[i], tuple(kernel.shape), groups)
+                grads[j] = ops.cast(grad, grads[j].dtype)
+            grads[i] = ops.zeros_like(grads[i])
+        return super()._clip_gradients(grads)
+
+
+def exact_accumulation(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """Let ``optimizer`` precondition the layers made with ``accumulate=True``.
+
+    Each update, before clipping and weight decay, the kernel gradient of every such layer
+    becomes TrAct's on all rows since the last update, ``(sum G^T X) (sum X^T X / sum b +
+    lam I)^-1``: over the ``gradient_accumulation_steps`` micro-batches (exactly the large
+    batch's gradient), or over one batch without accumulation. The statistics weight's
+    gradient becomes zero, so the weight stays zero; if it is not zero (an optimizer
+    without this stepped it) the layer's output is NaN rather than trained on a zero
+    kernel gradient.
+
+    Args:
+        optimizer: a Keras 3 optimizer, or a ``LossScaleOptimizer`` (its inner optimizer
+            is changed), before or after ``model.compile``.
+
+    Returns:
+        ``optimizer`` itself, its class now a subclass of its class that does the above
+        (saved as its plain class: call this again after loading a model).
+    """
+    target = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(target, keras.optimizers.Optimizer):
+        raise TypeError(f"exact_accumulation() takes a Keras optimizer, got "
+                        f"{type(optimizer).__name__}")
+    cls = type(target)
+    if not issubclass(cls, _Preconditioning):
+        target.__class__ = type(cls.__name__, (_Preconditioning, cls),
+                                {"__module__": cls.__module__})
+    return optimizer

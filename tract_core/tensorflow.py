@@ -40,16 +40,39 @@ def _replica_sum(sync):
     return lambda gram, count: (total(gram), total(tf.cast(count, gram.dtype)))
 
 
-def _tract_output(z, bias, kernel, kernel_grad):
-    """``z + bias`` with ``kernel_grad(dz)`` as its gradient with respect to ``kernel``."""
+def _tract_output(z, bias, kernel, kernel_grad, statistics=None, moments=None):
+    """``z + bias`` with ``kernel_grad(dz)`` as its gradient with respect to ``kernel``; or,
+    given ``statistics``, a zero kernel gradient and ``moments(dz)`` (the packed sums) as
+    the statistics' gradient, the output NaN once the statistics are not zero (an
+    optimizer stepped them: the sums were not preconditioned)."""
     if bias is not None:
         z = z + bias
+    if statistics is None:
+
+        @tf.custom_gradient
+        def tract_kernel_grad(z, kernel):
+            return tf.identity(z), lambda grad_z: (grad_z, kernel_grad(grad_z))
+
+        return tract_kernel_grad(z, kernel)
 
     @tf.custom_gradient
-    def tract_kernel_grad(z, kernel):
-        return tf.identity(z), lambda grad_z: (grad_z, kernel_grad(grad_z))
+    def accumulated(z, kernel, statistics):
+        skipped = tf.reduce_any(tf.not_equal(statistics, 0))
+        out = z + tf.cast(tf.where(skipped, float("nan"), 0.0), z.dtype)
+        return out, lambda grad_z: (grad_z, tf.zeros_like(kernel),
+                                    tf.cast(moments(grad_z), statistics.dtype))
 
-    return tract_kernel_grad(z, kernel)
+    return accumulated(z, kernel, tf.convert_to_tensor(statistics))
+
+
+def _check_statistics(statistics, kernel, groups):
+    if statistics is None:
+        return
+    shape = kernel.shape
+    size = _tc.packed_size(shape[-1], shape[:-1].num_elements(), groups)
+    if tuple(statistics.shape) != (size,):
+        raise ValueError(f"statistics must have shape ({size},), tract_core.packed_size of "
+                         f"this kernel and groups; got {tuple(statistics.shape)}")
 
 
 def _operands(x, kernel, bias):
@@ -78,7 +101,7 @@ def _operands(x, kernel, bias):
 
 def dense(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
           bias: tf.types.experimental.TensorLike | None = None, *, lam: float = 0.1,
-          sync: bool = False) -> tf.Tensor:
+          sync: bool = False, statistics: tf.Variable | None = None) -> tf.Tensor:
     """``x @ kernel + bias`` with TrAct's kernel gradient.
 
     Args:
@@ -92,6 +115,10 @@ def dense(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
             (e.g. MirroredStrategy), sum the Gram and row count over the replicas in
             backward, so the summed replica gradients are the full-batch TrAct gradient.
             Off (default): each replica uses its own rows' statistics.
+        statistics: for exact accumulation, a variable of `tract_core.packed_size` zeros
+            (float64): its gradient receives the call's `tract_core.pack_statistics` and
+            the kernel's gradient is zero; sums of such gradients go to
+            `tract_core.unpack_and_precondition` (as `tract_core.keras` does).
 
     Returns:
         (..., m), exactly the plain ``tf.matmul`` (2-D x) or ``tf.tensordot`` plus bias,
@@ -121,7 +148,13 @@ def dense(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
         return tf.transpose(_tc.weight_grad(rows, grads, lam, replica_sum=_replica_sum(sync),
                                             xp=TF))
 
-    return _tract_output(z, bias, kernel, kernel_grad)
+    def moments(grad_z):
+        rows, grads = tf.reshape(x, (-1, n)), tf.reshape(grad_z, (-1, m))
+        grad_w, gram = _tc.moments(rows, grads, xp=TF)
+        return _tc.pack_statistics(grad_w[None], gram[None], tf.shape(rows)[0], lam, xp=TF)
+
+    _check_statistics(statistics, kernel, 1)
+    return _tract_output(z, bias, kernel, kernel_grad, statistics, moments)
 
 
 def _convolution(x, kernel, strides, padding, dilation):
@@ -193,7 +226,8 @@ def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
          strides: int | Sequence[int] = 1,
          padding: str | int | Sequence[int | tuple[int, int]] = "VALID",
          kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
-         lam: float = 0.1, sync: bool = False) -> tf.Tensor:
+         lam: float = 0.1, sync: bool = False,
+         statistics: tf.Variable | None = None) -> tf.Tensor:
     """Channels-last convolution (1-D, 2-D or 3-D) with TrAct's kernel gradient.
 
     Args:
@@ -207,7 +241,7 @@ def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
         kernel_dilation: int or one int per spatial axis.
         feature_group_count: number of feature groups; one Gram per group.
         lam: finite float > 0 (0.1 in the paper, 0.2 for long runs).
-        sync: as for `dense`.
+        sync, statistics: as for `dense` (statistics per group).
 
     Returns:
         (N, *out_spatial, M), exactly ``tf.nn.convolution`` plus bias as Keras runs ConvND
@@ -237,4 +271,12 @@ def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
         grad_w = tf.reshape(grad_w, (m, c_g, *window))  # (g, M/g, C/g * K) -> torch weight
         return tf.transpose(grad_w, (*range(2, d + 2), 1, 0))
 
-    return _tract_output(z, bias, kernel, kernel_grad)
+    def moments(grad_z):
+        padded = tf.pad(tf.transpose(x, first), [(0, 0), (0, 0), *pads])
+        grad_z = tf.transpose(grad_z, first)
+        grad_w, gram = _tc.conv_moments(padded, grad_z, tuple(window), *geometry, xp=TF)
+        rows = tf.shape(grad_z)[0] * grad_z.shape[2:].num_elements()
+        return _tc.pack_statistics(grad_w, gram, rows, lam, xp=TF)
+
+    _check_statistics(statistics, kernel, geometry[-1])
+    return _tract_output(z, bias, kernel, kernel_grad, statistics, moments)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import typing
 from collections.abc import Sequence
 
@@ -135,40 +136,59 @@ class _TrActGrads(torch.autograd.Function):
 
 def _apply(x, weight, bias, spec, statistics=None):
     """The plain forward, and TrAct's node on its output if the weight wants a gradient."""
+    if statistics is not None:
+        size = _tc.packed_size(weight.shape[0], math.prod(weight.shape[1:]), spec.groups)
+        if tuple(statistics.shape) != (size,):
+            raise ValueError(f"statistics must have shape ({size},), tract_core.packed_size "
+                             f"of this weight and groups; got {tuple(statistics.shape)}")
     # Under torch.func, a weight only an outer transform differentiates has no requires_grad.
     transforms = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if not (torch.is_grad_enabled() and (weight.requires_grad or transforms)):
-        return spec.plain_forward(x, weight, bias)
+        return _nan_if_stepped(spec.plain_forward(x, weight, bias), statistics)
     z = spec.plain_forward(x, weight.detach(), bias)  # the bias keeps its plain gradient
     if z.is_complex():
         raise TypeError(f"TrAct's weight gradient needs real floating point tensors; got "
                         f"weight of dtype {weight.dtype} and input of dtype {x.dtype}")
-    return _TrActGrads.apply(z, weight, x, spec, statistics)
+    return _TrActGrads.apply(_nan_if_stepped(z, statistics), weight, x, spec, statistics)
+
+
+def _nan_if_stepped(z, statistics):
+    """NaN outputs once the statistics are not zero: an optimizer stepped them, so their
+    sums were never preconditioned (a plain optimizer on a Keras layer's statistics)."""
+    if statistics is None:
+        return z
+    return z + torch.where((statistics != 0).any(), torch.nan, 0.0).to(z.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            lam: float = 0.1, sync: bool = False,
-           process_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+           process_group: torch.distributed.ProcessGroup | None = None,
+           statistics: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with TrAct's weight gradient.
 
     Args:
         x: (..., n) inputs; every leading position is one row of X.
         weight: (m, n). bias: (m,) or None. Real floating point (TypeError for complex).
         lam, sync, process_group: as for `wrap`.
+        statistics: for exact accumulation by hand, a leaf tensor of
+            `tract_core.packed_size` entries in `tract_core.statistics_dtype`, requiring
+            grad: its gradient receives the call's `tract_core.pack_statistics` and the
+            weight's gradient is zero (`wrap(..., accumulate=True)` does this for a layer).
 
     Returns:
         (..., m), exactly ``F.linear(x, weight, bias)``. Input and bias gradients are the
         plain layer's, also under ``create_graph=True`` (gradient penalties).
     """
     group = "" if process_group is None else process_group.group_name
-    return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), group))
+    return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), group), statistics)
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          stride: int | Sequence[int] = 1, padding: str | int | Sequence[int] = 0,
          dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros",
          lam: float = 0.1, sync: bool = False,
-         process_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+         process_group: torch.distributed.ProcessGroup | None = None,
+         statistics: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv{1,2,3}d`` (with nn.ConvNd's padding modes) and TrAct's weight gradient.
 
     Args:
@@ -176,19 +196,18 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight: (M, C / groups, *kernel_size). bias: (M,) or None. Real floating point.
         stride, dilation: int or one per axis. padding: int, one per axis, 'same' or
             'valid'. padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
-        lam, sync, process_group: as for `wrap`.
+        lam, sync, process_group, statistics: as for `linear` (statistics per group).
 
     Returns:
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
         Input and bias gradients are the plain layer's, as for `linear`.
     """
     return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, lam, sync,
-                 process_group)
+                 process_group, statistics)
 
 
 def _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, lam, sync,
           process_group, statistics=None):
-    """`conv`; ``statistics``: an accumulating layer's sums (see _torch_accumulate)."""
     lam, d = _tc.check_lam(lam), weight.ndim - 2
     if d not in _CONV:
         raise ValueError(f"weight must have shape (M, C/groups, *kernel) with 1-3 spatial "

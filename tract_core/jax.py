@@ -246,7 +246,7 @@ def precondition_accumulated() -> _Finalizing:
 
 @functools.cache
 def _accumulating_op(layer):
-    """The custom_vjp op whose statistics input receives the call's [G^T X, X^T X, b]."""
+    """The custom_vjp op whose statistics input receives the call's packed statistics."""
 
     def statistics(x, grad_z):
         with jax.enable_x64(True), jax.default_matmul_precision("highest"):

@@ -403,3 +403,9 @@ def test_many_images_go_in_several_chunks():
     assert_close(grad_w, np.swapaxes(rows, -1, -2) @ patches, 1e-12, "G^T X")
     assert_close(gram, expected, 1e-12, "explicit Gram")
     assert_close(tc.conv_gram(x, (7, 7), (2, 2), (1, 1)), expected, 1e-12, "structured Gram")
+
+
+def test_statistics_of_another_size_are_refused_naming_the_expected_shape():
+    tc.check_packed_shape((tc.packed_size(6, 27, 3),), 6, 27, 3)
+    with pytest.raises(ValueError, match=r"statistics must have shape \(1351,\).*got \(1350,\)"):
+        tc.check_packed_shape((1350,), 4, 25, 2)

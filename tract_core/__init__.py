@@ -13,6 +13,7 @@ package imports none of those frameworks.
 from ._conv_gram import conv_gram
 from ._core import (
     check_lam,
+    check_packed_shape,
     conv_moments,
     conv_weight_grad,
     gram,
@@ -30,6 +31,7 @@ from ._patches import conv_output_shape, conv_patches, disjoint_patches
 
 __all__ = [
     "check_lam",
+    "check_packed_shape",
     "conv_gram",
     "conv_moments",
     "conv_output_shape",

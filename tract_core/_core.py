@@ -140,6 +140,15 @@ def packed_size(m: int, n_g: int, groups: int = 1) -> int:
     return m * n_g + groups * n_g * n_g + 1
 
 
+def check_packed_shape(shape: Sequence[int], m: int, n_g: int, groups: int = 1) -> None:
+    """ValueError unless ``shape`` is ``(packed_size(m, n_g, groups),)``: statistics given
+    to a layer for exact accumulation must match its weight and groups."""
+    size = packed_size(m, n_g, groups)
+    if tuple(shape) != (size,):
+        raise ValueError(f"statistics must have shape ({size},), tract_core.packed_size of "
+                         f"this weight and groups; got {tuple(shape)}")
+
+
 def unpack_and_precondition(packed: Array, m: int, n_g: int, groups: int = 1, *,
                             xp: Namespace | None = None) -> Array:
     """TrAct's gradient from summed `pack_statistics` vectors, per group:

@@ -286,12 +286,13 @@ def _unpack(kernel, axis_name, groups=1):
     if axis_name is not None:
         raise ValueError("axis_name must be None with an accumulating kernel: the statistics "
                          "are summed over devices with the gradients")
-    shape = jnp.shape(kernel.kernel)
-    size = _tc.packed_size(shape[-1], math.prod(shape[:-1]), kernel.groups) if shape else 0
-    if groups != kernel.groups or jnp.shape(kernel.statistics) != (size,):
+    if groups != kernel.groups:
         raise ValueError(f"the accumulating kernel must come from accumulating(kernel, "
-                         f"feature_group_count={groups!r}): got groups {kernel.groups} and "
-                         f"statistics of shape {jnp.shape(kernel.statistics)}")
+                         f"feature_group_count={groups!r}): got groups {kernel.groups}")
+    shape = jnp.shape(kernel.kernel)
+    if len(shape) >= 2:  # else dense/conv refuse the kernel's shape
+        _tc.check_packed_shape(jnp.shape(kernel.statistics), shape[-1],
+                               math.prod(shape[:-1]), groups)
     return kernel.kernel, kernel.statistics
 
 

@@ -66,13 +66,9 @@ def _tract_output(z, bias, kernel, kernel_grad, statistics=None, moments=None):
 
 
 def _check_statistics(statistics, kernel, groups):
-    if statistics is None:
-        return
-    shape = kernel.shape
-    size = _tc.packed_size(shape[-1], shape[:-1].num_elements(), groups)
-    if tuple(statistics.shape) != (size,):
-        raise ValueError(f"statistics must have shape ({size},), tract_core.packed_size of "
-                         f"this kernel and groups; got {tuple(statistics.shape)}")
+    if statistics is not None:
+        _tc.check_packed_shape(statistics.shape, kernel.shape[-1],
+                               kernel.shape[:-1].num_elements(), groups)
 
 
 def _operands(x, kernel, bias):

@@ -137,10 +137,8 @@ class _TrActGrads(torch.autograd.Function):
 def _apply(x, weight, bias, spec, statistics=None):
     """The plain forward, and TrAct's node on its output if the weight wants a gradient."""
     if statistics is not None:
-        size = _tc.packed_size(weight.shape[0], math.prod(weight.shape[1:]), spec.groups)
-        if tuple(statistics.shape) != (size,):
-            raise ValueError(f"statistics must have shape ({size},), tract_core.packed_size "
-                             f"of this weight and groups; got {tuple(statistics.shape)}")
+        _tc.check_packed_shape(statistics.shape, weight.shape[0], math.prod(weight.shape[1:]),
+                               spec.groups)
     # Under torch.func, a weight only an outer transform differentiates has no requires_grad.
     transforms = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if not (torch.is_grad_enabled() and (weight.requires_grad or transforms)):

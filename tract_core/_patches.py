@@ -81,14 +81,14 @@ def _image_patches(xp, x, kernel_size, stride, dilation, groups):
     return xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
 
 
-_PATCH_CHUNK = 1 << 21  # patch entries extracted at once (16 MiB in float64)
+_PATCH_CHUNK = 1 << 21  # patch and gradient entries cast at once (16 MiB in float64)
 
 
 def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
     """``G^T X`` and ``X^T X`` of a convolution from its explicit patches.
 
-    Images go in chunks of about ``_PATCH_CHUNK`` patch entries, each chunk's products
-    summed, so that memory stays bounded.
+    Images go in chunks of about ``_PATCH_CHUNK`` patch and gradient entries, each
+    chunk's products summed, so that memory stays bounded.
 
     Args:
         x: (N, C, *spatial) channels-first input, already padded.
@@ -109,23 +109,27 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     def products(x, grad_z):
         # Cast here, a chunk at a time: a float64 copy of the whole input and gradient
         # would cost more memory than the chunk's patches.
-        x, grad_z = xp.astype(x, dtype, copy=False), xp.astype(grad_z, dtype, copy=False)
-        patches = _image_patches(xp, x, kernel_size, stride, dilation, groups)
+        patches = _image_patches(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
+                                 dilation, groups)
         grads = xp.reshape(grad_z, (-1, groups, m // groups, positions))
         if disjoint:  # patches already a transposed copy: one (g, n_g, b) matrix
             columns = xp.reshape(xp.permute_dims(patches, (1, 2, 0, 3)), (groups, n_g, -1))
+            # Reordered before the cast: the copy moves half the bytes.
             grads = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (groups, m // groups, -1))
+            grads = xp.astype(grads, dtype, copy=False)
             return (xp.matmul(columns, xp.linalg.matrix_transpose(grads)),
                     rows_gram(xp, xp.linalg.matrix_transpose(columns)))
         # Overlapping: per-image products, no transposed copy of patches or gradients.
         flat = xp.reshape(patches, (-1, n_g, positions))  # one batch axis: (images g)
-        grads = xp.reshape(grads, (-1, m // groups, positions))
+        grads = xp.astype(xp.reshape(grads, (-1, m // groups, positions)), dtype, copy=False)
         moment = xp.matmul(flat, xp.linalg.matrix_transpose(grads))  # X^T G: faster
         gram = xp.matmul(flat, xp.linalg.matrix_transpose(flat))
         return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
                 xp.sum(xp.reshape(gram, (-1, groups, n_g, n_g)), axis=0))
 
-    images = max(1, _PATCH_CHUNK // max(1, groups * n_g * positions))
+    # The bound counts the gradient too (a 3x3 stem's is 2.4 times its patches): larger
+    # chunks make the casts and copies memory-bound.
+    images = max(1, _PATCH_CHUNK // max(1, (groups * n_g + m) * positions))
     moment, gram = backend(xp).sum_over_chunks(products, (x, grad_z), images)
     return xp.linalg.matrix_transpose(moment), gram
 

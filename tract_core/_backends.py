@@ -8,7 +8,8 @@ host round trip), ``has_float64``, ``device`` (where new arrays go), ``constant`
 index arrays on the device, once per device in eager PyTorch), ``filter_grad`` (the
 library's conv weight-gradient kernel) and ``correlate`` (the same at stride 1, for the
 structured Gram), ``few_patch_entries`` (up to which explicit patches beat that kernel),
-``batch_size`` and ``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A
+``patch_chunk`` (patch and gradient entries cast to float64 at once), ``batch_size`` and
+``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A
 namespace with its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
 """
 
@@ -31,6 +32,7 @@ class _Generic:
     """Any array-API namespace (numpy, cupy, array-api-strict)."""
 
     few_patch_entries = math.inf  # no conv kernel: explicit patches everywhere
+    patch_chunk = 1 << 21  # 16 MiB in float64: larger chunks make the casts memory-bound
 
     def __init__(self, xp):
         self.xp = xp

@@ -81,14 +81,11 @@ def _image_patches(xp, x, kernel_size, stride, dilation, groups):
     return xp.reshape(patches, (-1, groups, per_group, math.prod(out)))
 
 
-_PATCH_CHUNK = 1 << 21  # patch and gradient entries cast at once (16 MiB in float64)
-
-
 def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None):
     """``G^T X`` and ``X^T X`` of a convolution from its explicit patches.
 
-    Images go in chunks of about ``_PATCH_CHUNK`` patch and gradient entries, each
-    chunk's products summed, so that memory stays bounded.
+    Images go in chunks of about the backend's ``patch_chunk`` patch and gradient
+    entries, each chunk's products summed, so that memory stays bounded.
 
     Args:
         x: (N, C, *spatial) channels-first input, already padded.
@@ -127,10 +124,10 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
         return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
                 xp.sum(xp.reshape(gram, (-1, groups, n_g, n_g)), axis=0))
 
-    # The bound counts the gradient too (a 3x3 stem's is 2.4 times its patches): larger
-    # chunks make the casts and copies memory-bound.
-    images = max(1, _PATCH_CHUNK // max(1, (groups * n_g + m) * positions))
-    moment, gram = backend(xp).sum_over_chunks(products, (x, grad_z), images)
+    # The bound counts the gradient too: a 3x3 stem's is 2.4 times its patches.
+    found = backend(xp)
+    images = max(1, found.patch_chunk // max(1, (groups * n_g + m) * positions))
+    moment, gram = found.sum_over_chunks(products, (x, grad_z), images)
     return xp.linalg.matrix_transpose(moment), gram
 
 

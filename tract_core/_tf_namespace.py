@@ -122,6 +122,8 @@ class _TFNamespace:
     where = staticmethod(tf.where)  # a Python scalar x2 takes x1's dtype
     # Up to 96 entries per patch, explicit patches beat TF's filter gradient + structured Gram.
     few_patch_entries = 96
+    # Larger chunks than elsewhere: each is an iteration of a tf.while_loop.
+    patch_chunk = 1 << 22
 
     @staticmethod
     def isdtype(dtype, kind):  # the core asks for "real floating" only
@@ -186,10 +188,11 @@ class _TFNamespace:
         if groups > 1 or max(dilation) > 1 or compiling_with_xla():
             # TF's CPU kernels lack groups and dilation, and XLA's float64 CPU convolutions
             # are plain loops (slow on a 7x7 stem): explicit patches' matmuls, chunked.
-            entries = x.shape[1] * math.prod(kernel_size) * math.prod(grad_z.shape[2:])
+            entries = ((x.shape[1] * math.prod(kernel_size) + grad_z.shape[1])
+                       * math.prod(grad_z.shape[2:]))
             (plain,) = _sum_over_chunks(functools.partial(
                 _patch_filter_grad, kernel_size, stride, dilation, groups), (x, grad_z),
-                max(1, _patches._PATCH_CHUNK // entries))
+                max(1, TF.patch_chunk // entries))
             return tf.reshape(plain, (grad_z.shape[1], x.shape[1] // groups, *kernel_size))
         d = len(kernel_size)
         last = (0, *range(2, d + 2), 1)  # TF's CPU kernels take channels-last operands only

@@ -1,8 +1,10 @@
-"""The whole-step benchmarks' plumbing: each script, in a fresh process as a user runs it,
+"""The benchmarks' plumbing: each whole-step script, in a fresh process as a user runs it,
 trains one round of the small CNN per variant and prints a table row per variant that
-agrees with the per-round ratios it writes. Nothing here is timed or compared to a goal.
+agrees with the per-round ratios it writes; bench_all.py runs a framework's tables in one
+command. Nothing here is timed or compared to a goal.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -59,3 +61,32 @@ def test_cuda_graphs_need_a_cuda_device(capsys):
     with pytest.raises(SystemExit):
         whole_step_torch.parse(["--cuda-graphs", "--device", "cpu"])
     assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+
+
+def test_bench_all_runs_each_frameworks_layer_and_whole_steps(tmp_path):
+    """One command for every table: PyTorch's first-layer benchmark, its whole steps and
+    Keras's on torch, each table printed under its name and written to --out; a
+    framework not installed is skipped with a message, not a failure."""
+    need("torch")
+    need("keras")
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_all.py"), "--rounds", "1",
+               "--threads", "1", "--frameworks", "torch", "--whole-steps", "--models", "cnn",
+               "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = result.stdout.split("\n## ")[1:]
+    assert [s.split("\n")[0] for s in sections] == [
+        "torch", "torch-whole-step", "keras-torch-whole-step"]
+    assert "| cifar_vit_patch4 |" in sections[0]
+    for section in sections[1:]:
+        assert "| cnn | tract |" in section
+    for name in ("torch", "torch-whole-step", "keras-torch-whole-step"):
+        assert (tmp_path / f"{name}.md").read_text() in result.stdout
+    assert "cnn/tract" in json.loads((tmp_path / "torch-whole-step.json").read_text())
+    if importlib.util.find_spec("tensorflow") is None:
+        skipped = subprocess.run([*command[:6], "--frameworks", "tensorflow"],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert skipped.returncode == 0, skipped.stderr[-3000:]
+        assert "tensorflow not installed here: skipped" in skipped.stdout

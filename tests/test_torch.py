@@ -756,13 +756,13 @@ import copy, torch, torch.nn as nn
 import tract_core.torch as tt
 torch.manual_seed(0)
 model = nn.Sequential(
-    tt.wrap(nn.Conv2d(3, 16, 7, stride=2, padding=3)),  # 147 patch entries: structured Gram
+    tt.wrap(nn.Conv2d(4, 16, 7, stride=2, padding=3)),  # 196 patch entries: structured Gram
     nn.ReLU(inplace=True),
     tt.wrap(nn.Conv2d(16, 8, 3, padding=1, groups=8)),  # 18 per group: explicit patches
     nn.ReLU(inplace=True), nn.Flatten(),
     tt.wrap(nn.Linear(8 * 16 * 16, 4))).double()  # b = 2 < n: the b x b form
 eager = copy.deepcopy(model)
-x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
 compiled = torch.compile(model, fullgraph=True)
 out = compiled(x)  # first call in the process: no eager step filled any memo
 out.square().sum().backward()
@@ -776,9 +776,10 @@ print("same gradients")
 
 
 def test_torch_compile_fullgraph_in_a_fresh_process():
-    """torch.compile(fullgraph=True) of a small model (7x7/2 stem, in-place ReLU, a
-    grouped 3x3 conv, a linear head) in a new process, where no eager run has filled
-    the library's memos: forward and gradients equal eager's."""
+    """torch.compile(fullgraph=True) of a small model (7x7/2 stem on 4 channels, past
+    PyTorch's explicit-patch limit, in-place ReLU, a grouped 3x3 conv, a linear head) in
+    a new process, where no eager run has filled the library's memos: forward and
+    gradients equal eager's."""
     result = subprocess.run([sys.executable, "-c", FRESH_COMPILE], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "same gradients" in result.stdout, result.stderr[-4000:]

@@ -124,11 +124,18 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
         return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
                 xp.sum(xp.reshape(gram, (-1, groups, n_g, n_g)), axis=0))
 
-    # The bound counts the gradient too: a 3x3 stem's is 2.4 times its patches.
     found = backend(xp)
-    images = max(1, found.patch_chunk // max(1, (groups * n_g + m) * positions))
+    images = images_per_chunk(found, x, grad_z, kernel_size)
     moment, gram = found.sum_over_chunks(products, (x, grad_z), images)
     return xp.linalg.matrix_transpose(moment), gram
+
+
+def images_per_chunk(found, x, grad_z, kernel_size):
+    """Images per chunk of explicit patches and their output gradient: about the backend
+    ``found``'s ``patch_chunk`` entries of both (a 3x3 stem's gradient is 2.4 times its
+    patches, so the bound counts it too)."""
+    entries = (x.shape[1] * math.prod(kernel_size) + grad_z.shape[1]) * math.prod(grad_z.shape[2:])
+    return max(1, found.patch_chunk // max(1, entries))
 
 
 def rows_gram(xp, x, leaf=128):

@@ -188,11 +188,9 @@ class _TFNamespace:
         if groups > 1 or max(dilation) > 1 or compiling_with_xla():
             # TF's CPU kernels lack groups and dilation, and XLA's float64 CPU convolutions
             # are plain loops (slow on a 7x7 stem): explicit patches' matmuls, chunked.
-            entries = ((x.shape[1] * math.prod(kernel_size) + grad_z.shape[1])
-                       * math.prod(grad_z.shape[2:]))
             (plain,) = _sum_over_chunks(functools.partial(
                 _patch_filter_grad, kernel_size, stride, dilation, groups), (x, grad_z),
-                max(1, TF.patch_chunk // entries))
+                _patches.images_per_chunk(TF, x, grad_z, kernel_size))
             return tf.reshape(plain, (grad_z.shape[1], x.shape[1] // groups, *kernel_size))
         d = len(kernel_size)
         last = (0, *range(2, d + 2), 1)  # TF's CPU kernels take channels-last operands only

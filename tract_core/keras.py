@@ -19,6 +19,7 @@ take the union batch's TrAct step under ``gradient_accumulation_steps``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Sequence
@@ -90,14 +91,14 @@ def _statistics_dtype():
 def _kernel_grad(packed, kernel_shape, groups):
     """The kernel gradient of summed packed statistics, in the kernel's layout."""
     m, n_g = kernel_shape[-1], math.prod(kernel_shape[:-1])
+    x64 = contextlib.nullcontext()
     if keras.backend.backend() == "jax":  # the solve in float64 even without x64
         import jax
 
-        with jax.enable_x64(True):
-            grad = _tc.unpack_and_precondition(packed, m, n_g, groups)
-            return _tc.to_channels_last_kernel(grad, kernel_shape)
-    grad = _tc.unpack_and_precondition(packed, m, n_g, groups)
-    return _tc.to_channels_last_kernel(grad, kernel_shape)
+        x64 = jax.enable_x64(True)
+    with x64:
+        grad = _tc.unpack_and_precondition(packed, m, n_g, groups)
+        return _tc.to_channels_last_kernel(grad, kernel_shape)
 
 
 class _TrAct:

@@ -139,13 +139,15 @@ def dense(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
     z = (tf.matmul(x, frozen) if x.shape.rank == 2
          else tf.tensordot(x, frozen, axes=[[x.shape.rank - 1], [0]]))
 
+    def rows_and_grads(grad_z):
+        return tf.reshape(x, (-1, n)), tf.reshape(grad_z, (-1, m))
+
     def kernel_grad(grad_z):  # the core's (m, n) statistics in float64, transposed
-        rows, grads = tf.reshape(x, (-1, n)), tf.reshape(grad_z, (-1, m))
-        return tf.transpose(_tc.weight_grad(rows, grads, lam, replica_sum=_replica_sum(sync),
-                                            xp=TF))
+        return tf.transpose(_tc.weight_grad(*rows_and_grads(grad_z), lam,
+                                            replica_sum=_replica_sum(sync), xp=TF))
 
     def moments(grad_z):
-        rows, grads = tf.reshape(x, (-1, n)), tf.reshape(grad_z, (-1, m))
+        rows, grads = rows_and_grads(grad_z)
         grad_w, gram = _tc.moments(rows, grads, xp=TF)
         return _tc.pack_statistics(grad_w[None], gram[None], tf.shape(rows)[0], lam, xp=TF)
 
@@ -254,22 +256,23 @@ def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
                                              feature_group_count)
     check_bias_shape(None if bias is None else bias.shape, kernel.shape[-1])
     z = _plain_conv(x, tf.stop_gradient(kernel), padding, pads, *geometry)
-    *window, c_g, m = kernel.shape
+    window = kernel.shape[:-2]
     d = len(window)
     first = (0, d + 1, *range(1, d + 1))  # the core's layout: channels first
 
-    def kernel_grad(grad_z):
+    def channels_first(grad_z):
         # Padded after the transpose, where rows are long (padding a channels-last
-        # tensor of 3 channels is slow). Statistics in float64, the result in x's dtype.
+        # tensor of 3 channels is slow).
         padded = tf.pad(tf.transpose(x, first), [(0, 0), (0, 0), *pads])
-        grad_w = _tc.conv_weight_grad(padded, tf.transpose(grad_z, first), tuple(window),
-                                      *geometry, lam, replica_sum=_replica_sum(sync), xp=TF)
-        grad_w = tf.reshape(grad_w, (m, c_g, *window))  # (g, M/g, C/g * K) -> torch weight
-        return tf.transpose(grad_w, (*range(2, d + 2), 1, 0))
+        return padded, tf.transpose(grad_z, first)
+
+    def kernel_grad(grad_z):  # statistics in float64, the result in x's dtype
+        grad_w = _tc.conv_weight_grad(*channels_first(grad_z), tuple(window), *geometry, lam,
+                                      replica_sum=_replica_sum(sync), xp=TF)
+        return _tc.to_channels_last_kernel(grad_w, kernel.shape, xp=TF)
 
     def moments(grad_z):
-        padded = tf.pad(tf.transpose(x, first), [(0, 0), (0, 0), *pads])
-        grad_z = tf.transpose(grad_z, first)
+        padded, grad_z = channels_first(grad_z)
         grad_w, gram = _tc.conv_moments(padded, grad_z, tuple(window), *geometry, xp=TF)
         rows = tf.shape(grad_z)[0] * grad_z.shape[2:].num_elements()
         return _tc.pack_statistics(grad_w, gram, rows, lam, xp=TF)

@@ -111,8 +111,8 @@ def test_float32_matches_fixture_and_plain_layer_bit_for_bit(case, device, monke
         assert_close(grad_x, grad_x_plain, 1e-6, "grad_x")
     else:
         assert torch.equal(grad_x, grad_x_plain)
-    if case.has_bias:  # the layer's own autograd node computes it, on every path
-        assert torch.equal(wrapped.bias.grad, bias_grad_plain)
+    if case.has_bias:  # G summed by TrAct's node; a conv kernel may sum in another order
+        assert_close(wrapped.bias.grad, bias_grad_plain, 1e-6, "grad_bias")
     assert wrapped.weight.grad.dtype == torch.float32
     assert_close(wrapped.weight.grad, case.grad_weight, 2e-4, "grad_weight")
 
@@ -137,8 +137,8 @@ def widened(case, entries=MANY_PATCH_ENTRIES, seed=0):
 def test_many_patch_entries_match_the_float64_reference(case, device, monkeypatch):
     """Every fixture geometry widened to many entries per patch (overlapping ones take
     torch's conv backward kernel and the structured Gram): float64 weight gradient
-    against the independent reference; in float32 the output and bias gradient are the
-    plain layer's bit for bit."""
+    against the independent reference; in float32 the output is the plain layer's bit for
+    bit and the bias gradient to the rounding of its sum."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     plain, x, grad_z = widened(case)
     assert len(x) * math.prod(grad_z.shape[2:]) >= plain.weight[0].numel()  # b >= n
@@ -150,11 +150,15 @@ def test_many_patch_entries_match_the_float64_reference(case, device, monkeypatc
     for module in (plain, layer):
         z = module(x.float().to(device))
         z.backward(grad_z.float().to(device))
-        results.append((z.detach(), plain.bias.grad if case.has_bias else None))
+        results.append(z.detach())
         plain.zero_grad(set_to_none=True)
-    assert torch.equal(results[1][0], results[0][0])
+    assert torch.equal(results[1], results[0])
     if case.has_bias:
-        assert torch.equal(results[1][1], results[0][1])
+        for module in (plain, layer):
+            module(x.float().to(device)).backward(grad_z.float().to(device))
+            results.append(plain.bias.grad)
+            plain.zero_grad(set_to_none=True)
+        assert_close(results[3], results[2], 1e-6, "grad_bias")
 
 
 def test_official_example_numbers():

@@ -5,8 +5,9 @@
     >>> tt.wrap_first_layer(model, images, lam=0.1)  # finds the layer, wraps it in place
     'conv1'
 
-Outputs, input and bias gradients are the plain layer's: an identity autograd node on the
-output owns the weight and turns G = dL/dz into TrAct's weight gradient.
+Outputs and input gradients are the plain layer's: an identity autograd node on the
+output owns the weight and the bias, turns G = dL/dz into TrAct's weight gradient and
+sums G into the bias's, as PyTorch's own formula does.
 """
 
 from __future__ import annotations
@@ -95,28 +96,38 @@ _weight_grad_op.register_fake(lambda x, grad_z, weight, *args: torch.empty_like(
     weight, memory_format=torch.contiguous_format))
 
 
+def _bias_grad(grad_z, spec, dtype):
+    """The bias's gradient: G summed over batch and positions, PyTorch's own formula. A
+    conv's node would take it from oneDNN's fused backward, which computes a whole float32
+    weight gradient even for the bias alone (on a 7x7/2 stem, ten times the sum's time)."""
+    axes = [0, *range(2, grad_z.ndim)] if spec.stride else list(range(grad_z.ndim - 1))
+    return (grad_z.sum(axes) if axes else grad_z).to(dtype)
+
+
 class _TrActGrads(torch.autograd.Function):
-    """Identity on the output z whose backward gives the weight TrAct's gradient (per vmap call)."""
+    """Identity on the output z whose backward gives the weight TrAct's gradient and the
+    bias the plain one (per vmap call)."""
 
     @staticmethod
-    def forward(z, weight, x, spec, statistics):
+    def forward(z, weight, x, spec, statistics, bias):
         return z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, weight, x, ctx.spec, statistics = inputs
+        z, weight, x, ctx.spec, statistics, bias = inputs
         ctx.accumulating = statistics is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_dirty(z)  # z itself, not a view: in-place ops after it (ReLU) work
         ctx.save_for_backward(weight, x)
 
     @staticmethod
-    def vmap(info, in_dims, z, weight, x, spec, statistics):
+    def vmap(info, in_dims, z, weight, x, spec, statistics, bias):
         return z, in_dims[0]
 
     @staticmethod
     def backward(ctx, grad_z):
         (weight, x), spec = ctx.saved_tensors, ctx.spec
-        grad_w = grad_x = statistics = None
+        grad_w = grad_x = statistics = grad_b = None
         compiling = torch.compiler.is_compiling()
         if ctx.accumulating:  # the sums go to the statistics; the weight's wait for finalize
             statistics = (_accumulate.statistics_op if compiling else _accumulate.statistics)(
@@ -131,7 +142,9 @@ class _TrActGrads(torch.autograd.Function):
             _, vjp = torch.func.vjp(lambda xs: spec.plain_forward(xs, weight), x.detach())
             (dx,) = vjp(grad_z.detach())
             grad_x = dx - dx.detach()
-        return grad_z, grad_w, grad_x, None, statistics
+        if ctx.needs_input_grad[5]:
+            grad_b = _bias_grad(grad_z, spec, ctx.bias_dtype)
+        return grad_z, grad_w, grad_x, None, statistics, grad_b
 
 
 def _apply(x, weight, bias, spec, statistics=None):
@@ -143,11 +156,12 @@ def _apply(x, weight, bias, spec, statistics=None):
     transforms = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if not (torch.is_grad_enabled() and (weight.requires_grad or transforms)):
         return _nan_if_stepped(spec.plain_forward(x, weight, bias), statistics)
-    z = spec.plain_forward(x, weight.detach(), bias)  # the bias keeps its plain gradient
+    # The plain op's node gives only the input gradient; TrAct's node the weight's and bias's.
+    z = spec.plain_forward(x, weight.detach(), None if bias is None else bias.detach())
     if z.is_complex():
         raise TypeError(f"TrAct's weight gradient needs real floating point tensors; got "
                         f"weight of dtype {weight.dtype} and input of dtype {x.dtype}")
-    return _TrActGrads.apply(_nan_if_stepped(z, statistics), weight, x, spec, statistics)
+    return _TrActGrads.apply(_nan_if_stepped(z, statistics), weight, x, spec, statistics, bias)
 
 
 def _nan_if_stepped(z, statistics):
@@ -175,7 +189,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Returns:
         (..., m), exactly ``F.linear(x, weight, bias)``. Input and bias gradients are the
-        plain layer's, also under ``create_graph=True`` (gradient penalties).
+        plain layer's (the bias's, G summed, from TrAct's node), also under
+        ``create_graph=True`` (gradient penalties).
     """
     group = "" if process_group is None else process_group.group_name
     return _apply(x, weight, bias, _Spec(_tc.check_lam(lam), bool(sync), group), statistics)
@@ -198,7 +213,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     Returns:
         (N, M, *out_spatial), bit-identical to the matching ``nn.ConvNd`` forward.
-        Input and bias gradients are the plain layer's, as for `linear`.
+        Input and bias gradients are the plain layer's, as for `linear`; the bias's sum of
+        G is the conv kernel's to float rounding (summed in another order).
     """
     return _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, lam, sync,
                  process_group, statistics)

@@ -287,21 +287,25 @@ AUTOCAST_DTYPES = [(device, dtype) for device in DEVICES for dtype in
 @pytest.mark.parametrize("device, dtype", AUTOCAST_DTYPES, ids=str)
 def test_autocast_is_accurate(device, dtype):
     """Autocast (bf16 on CPU; fp16 and bf16 on CUDA): the Gram and solve still run in
-    float32, for the structured Gram (7x7/2) and explicit patches (3x3) alike."""
+    float32, for the structured Gram (7x7/2) and explicit patches (3x3) alike; the bias
+    gradient is the plain layer's under autocast, in the bias's dtype."""
     torch.manual_seed(0)
     for conv, size in ((nn.Conv2d(3, 8, 3, padding=1), 8), (nn.Conv2d(3, 8, 7, 2, 3), 16)):
         x = torch.randn(16, 3, size, size, device=device)
+        plain = copy.deepcopy(conv).to(device)
         layer = tt.wrap(conv.to(device), lam=0.1)
         z_grad = torch.randn_like(layer(x))
         layer(x).backward(z_grad)
         reference = layer.weight.grad.clone()
         layer.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=dtype):
-            z = layer(x)
-            assert z.dtype == dtype
-            z.backward(z_grad.to(dtype))  # backward inside autocast too
-        assert layer.weight.grad.dtype == torch.float32
+        for module in (plain, layer):
+            with torch.autocast(device, dtype=dtype):
+                z = module(x)
+                assert z.dtype == dtype
+                z.backward(z_grad.to(dtype))  # backward inside autocast too
+        assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
         assert_close(layer.weight.grad, reference.cpu().numpy(), 2e-2)
+        assert_close(layer.bias.grad, plain.bias.grad, 1e-2, "grad_bias")
 
 
 def test_bfloat16_parameters():

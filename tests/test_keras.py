@@ -221,6 +221,23 @@ def test_channels_first(name):
     assert_close(to_torch_weight(grad_kernel), case.grad_weight, 2e-4, "grad_weight")
 
 
+def test_channels_first_bias_is_added_per_channel():
+    """The last spatial size equal to the filters: Keras's TensorFlow add would take a
+    channels-first bias for a last-axis one (its bias_add shortcut); the TrAct layer adds
+    it per channel, as a channels-last layer does."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 2, 6, 3)).astype("float32")
+    weights = [rng.normal(size=(3, 3, 2, 3)).astype("float32"),
+               np.array([0.1, 0.2, 0.3], "float32")]
+    outs = []
+    for data_format, inputs in (("channels_first", x), ("channels_last", channels_last(x))):
+        layer = tk.TrActConv2D(3, 3, padding="same", data_format=data_format, lam=0.1)
+        layer.build(inputs.shape)
+        layer.set_weights(weights)
+        outs.append(keras.ops.convert_to_numpy(layer(inputs)))
+    np.testing.assert_allclose(outs[0], channels_first(outs[1]), rtol=1e-5, atol=1e-5)
+
+
 def reference_conv_kernel_grad(x, grad_z, kernel_size, strides, dilation, pads, lam):
     """TrAct's kernel gradient from the numpy core, channels-last in, Keras layout out."""
     xf = np.pad(channels_first(x).astype(np.float64), [(0, 0), (0, 0), *pads])

@@ -463,6 +463,31 @@ def test_empty_batch_of_unknown_size_gives_zero_kernel_gradient(name, jit):
     assert_close(grad_kernel, expected, 1e-9, "grad_kernel")
 
 
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("name", [n for n in EMPTY_BATCH if n.startswith("conv")])
+def test_empty_batch_of_static_size_has_the_output_shape(name, graph):
+    """TF's float32 CPU convolution gives an empty batch its input's shape; the TrAct
+    conv gives (0, *out, M) with zero input and kernel gradients, eagerly and in a
+    tf.function traced for that empty batch."""
+    sample, kernel_shape, options = EMPTY_BATCH[name]
+    kernel = tf.constant(np.random.default_rng(3).normal(size=kernel_shape), tf.float32)
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            z = ttf.conv(x, kernel, lam=0.1, **options)
+        return (z, *tape.gradient(z, [x, kernel], output_gradients=tf.zeros_like(z)))
+
+    x = tf.zeros((0, *sample), tf.float32)
+    z, grad_x, grad_kernel = (tf.function(run) if graph else run)(x)
+    stride = options.get("strides", 1)
+    size = [-(-s // stride) if options.get("padding") == "SAME" else (s - k) // stride + 1
+            for s, k in zip(sample[:-1], kernel_shape[:-2])]
+    assert z.shape == (0, *size, kernel_shape[-1])
+    np.testing.assert_array_equal(grad_x, np.zeros(x.shape))
+    np.testing.assert_array_equal(grad_kernel, np.zeros(kernel_shape))
+
+
 @pytest.mark.parametrize("dtype", [tf.int32, tf.bool, tf.complex64])
 def test_non_floating_tensors_raise_type_error(dtype):
     for op, x_shape, kernel_shape in [(ttf.dense, (4, 3), (3, 2)),

@@ -220,7 +220,11 @@ class _TrActConv(_TrAct):
         if self.use_bias:
             bias_shape = ((1,) * (self.rank + 1) + (self.filters,) if channels_last
                           else (1, self.filters) + (1,) * self.rank)
-            x = ops.add(x, ops.reshape(self.bias, bias_shape))
+            bias = ops.reshape(self.bias, bias_shape)
+            # Channels first, the bias goes first: Keras's TensorFlow add takes a second
+            # operand that squeezes to a vector for a bias of the last axis whenever that
+            # axis has the filters' size.
+            x = ops.add(x, bias) if channels_last else ops.add(bias, x)
         return x if self.activation is None else self.activation(x)
 
 

@@ -170,6 +170,8 @@ def _plain_conv(x, kernel, padding, pads, strides, dilation, groups):
     """The plain channels-last convolution as Keras runs it: ``tf.nn.convolution`` with
     'SAME'/'VALID', or ``tf.pad`` then 'VALID' for pairs and 'SAME_LOWER'. Strides > 1
     with dilation > 1 (which it refuses) run at stride 1, keeping every stride-th output."""
+    padded = [s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], pads)]
+    out = (*_tc.conv_output_shape(padded, kernel.shape[:-2], strides, dilation), kernel.shape[-1])
     subsample = max(strides) > 1 and max(dilation) > 1
     if padding not in ("SAME", "VALID") or subsample:
         x = tf.pad(x, [(0, 0), *pads, (0, 0)])
@@ -179,10 +181,13 @@ def _plain_conv(x, kernel, padding, pads, strides, dilation, groups):
     z = run(x, kernel, conv_strides, padding, dilation)
     if subsample:
         z = z[(slice(None), *(slice(None, None, s) for s in strides))]
-    if x.shape[0] is None and z.shape[1:].is_fully_defined() and not compiling_with_xla():
-        # TF's CPU convolution gives an empty batch of unknown size the input's shape
-        # (grappler drops a reshape to the static shape): pick an empty output then.
-        empty = tf.zeros([0, *z.shape[1:]], z.dtype)
+    # TF's CPU convolution gives an empty batch the input's shape. Eagerly, a reshape of
+    # no entries mends it and keeps the gradient; in a graph grappler would drop that
+    # reshape, so a cond picks an empty output.
+    if x.shape[0] == 0 and tf.executing_eagerly():
+        z = tf.reshape(z, (0, *out))
+    elif x.shape[0] in (0, None) and not compiling_with_xla():
+        empty = tf.zeros([0, *out], z.dtype)
         z = tf.cond(tf.shape(x)[0] > 0, lambda: z, lambda: empty)
     return z
 

@@ -231,7 +231,9 @@ def torch_compile_worker(keys, out_path):
         x, w, b, r = fuzz.arrays(case)
         layer = torch_layer(case, dtype, tract, w, b)
         # dynamic=False: automatic dynamic shapes, on from a third compile of the same
-        # code, fail in Inductor for the plain nn.ConvNd too (a PyTorch bug).
+        # code, fail in Inductor for the plain nn.ConvNd too (a PyTorch bug). The reset:
+        # each case compiles as a first one, below PyTorch's recompile limit per code.
+        torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         xt = torch_input(case, x, dtype)
         z = compiled(xt)
@@ -669,6 +671,10 @@ def run_keras(case):
     x64 = contextlib.nullcontext()
     if backend == "jax":
         x64 = need("jax").enable_x64(case.dtype == "float64")
+    # TF's CPU conv returns its input's shape for an empty batch, and its filter gradient
+    # can fail there (the plain layer's bugs): what an empty batch should give instead.
+    empty_conv = backend == "tensorflow" and case.batch == 0 and case.kind == "conv"
+    plain_error = None
     with x64:
         outs, close = {}, ()
         if backend == "tensorflow" and case.kind != "dense":
@@ -676,40 +682,53 @@ def run_keras(case):
             # convolution and sum the bias gradient in another order: equal to rounding.
             close = ("grad_b",)
         for name, tract in (("tract", True), ("plain", False)):
+            if empty_conv and not tract:
+                dtype = np.dtype(case.dtype)
+                outs[name] = {"z": np.zeros(case.z_shape, dtype),
+                              "grad_x": np.zeros(case.x_shape, dtype),
+                              "grad_b": np.zeros(case.out_features, dtype) if case.bias else None}
+                continue
             plain_format = data_format
             if not tract and backend == "tensorflow" and data_format == "channels_first":
                 # TF's CPU kernels have no channels-first conv: the channels-last plain
                 # layer sums its bias gradient over other axes, equal to rounding.
                 plain_format, close = "channels_last", ("grad_b",)
             layer = keras_layer(case, tract, case.dtype, plain_format, w, b)
-            if plain_format != data_format:
-                z, gx, gk, gb = keras_run(layer, channels_last(x), channels_last(r), case.dtype)
-                z, gx = channels_first(z), channels_first(gx)
-            else:
-                z, gx, gk, gb = keras_run(layer, layout(x), layout(r), case.dtype)
-                z, gx = back(z), back(gx)
-            outs[name] = {"z": z, "grad_x": gx, "grad_w": fuzz.torch_layout_kernel(gk),
-                          "grad_b": gb}
+            try:
+                if plain_format != data_format:
+                    z, gx, gk, gb = keras_run(layer, channels_last(x), channels_last(r),
+                                              case.dtype)
+                    z, gx = channels_first(z), channels_first(gx)
+                else:
+                    z, gx, gk, gb = keras_run(layer, layout(x), layout(r), case.dtype)
+                    z, gx = back(z), back(gx)
+            except Exception as error:
+                if tract:
+                    raise
+                plain_error = f"{type(error).__name__}: {error}"[:200]
+                z, gx, gk, gb = outs["tract"]["z"], outs["tract"]["grad_x"], None, \
+                    outs["tract"]["grad_b"]
+            outs[name] = {"z": z, "grad_x": gx, "grad_b": gb,
+                          "grad_w": None if gk is None else fuzz.torch_layout_kernel(gk)}
     plain, tract = outs["plain"], outs["tract"]
-    if backend == "tensorflow" and case.batch == 0 and case.kind == "conv":
-        # TF's CPU conv returns its input's shape for an empty batch (the plain layer's
-        # bug): what an empty batch should give instead.
-        dtype = np.dtype(case.dtype)
-        plain.update(z=np.zeros(case.z_shape, dtype), grad_x=np.zeros(case.x_shape, dtype),
-                     grad_b=np.zeros(case.out_features, dtype) if case.bias else None)
     if backend == "torch" and case.kind == "dense" and case.dtype == "float64":
         # Keras's torch backend computes a float64 Dense in float32 (its own bug, the
         # plain layer's), whatever dtype it returns: values agree to float32 rounding.
         for name in ("z", "grad_x"):
-            error = fuzz.relative_error(tract[name], plain[name].astype(tract[name].dtype))
+            got, want = tract[name], plain[name].astype(tract[name].dtype)
+            finite = np.isfinite(want)
+            assert np.array_equal(np.isfinite(got), finite), f"{case}: {name} NaN/Inf differ"
+            error = fuzz.relative_error(got[finite], want[finite])
             assert error <= 1e-5, f"{case}: {name} relative error {error:.3g}"
-            plain[name] = tract[name]
+            plain[name] = got
     if backend == "jax":  # the reference in float64 whatever the case's dtype
         with need("jax").enable_x64(True):
             patch_rows = keras_patch_rows(case, x)
     else:
         patch_rows = keras_patch_rows(case, x)
     check(case, outs["tract"], outs["plain"], reference(case, patch_rows, r), close)
+    if plain_error:  # TrAct's kernel gradient checked; nothing plain to compare it with
+        pytest.skip(f"the plain Keras layer fails here: {plain_error}")
 
 
 # --------------------------------------------------------------------------- tests

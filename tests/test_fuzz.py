@@ -71,6 +71,26 @@ def _describe_difference(a, p):
     return f"max |diff| {worst:.3g}, NaN pattern differs at {nan_mismatch}"
 
 
+def rounding_failure(name, a, p, tolerance):
+    """Why ``a`` is not ``p`` to rounding (relative error over the finite entries, the
+    same NaN/Inf elsewhere), or None."""
+    finite = np.isfinite(p)
+    if not np.array_equal(a[~finite], p[~finite], equal_nan=True):
+        return f"{name}: NaN/Inf differ from the plain layer's"
+    error = fuzz.relative_error(a[finite], p[finite])
+    if not error <= tolerance:
+        return f"{name} relative error {error:.3g} against the plain layer's"
+    return None
+
+
+def empty_batch_results(case):
+    """What the plain layer should give for an empty batch (TF's CPU conv returns its
+    input's shape there, and its filter gradient can fail)."""
+    dtype = np.dtype(case.dtype)
+    return {"z": np.zeros(case.z_shape, dtype), "grad_x": np.zeros(case.x_shape, dtype),
+            "grad_b": np.zeros(case.out_features, dtype) if case.bias else None}
+
+
 def check(case, got, plain, reference, close=()):
     """got/plain: dicts of numpy arrays z, grad_x, grad_b (None without bias) and grad_w
     (torch layout); reference: the float64 weight gradient. Names in ``close`` come from
@@ -84,12 +104,9 @@ def check(case, got, plain, reference, close=()):
         if a is None or p is None:
             failures.append(f"{name}: {'missing' if a is None else 'unexpected'}")
         elif name in close and a.shape == p.shape and a.dtype == p.dtype:
-            finite = np.isfinite(p)
-            error = fuzz.relative_error(a[finite], p[finite])
-            if not np.array_equal(a[~finite], p[~finite], equal_nan=True):
-                failures.append(f"{name}: NaN/Inf differ from the plain layer's")
-            elif not error <= 1e3 * np.finfo(a.dtype).eps:
-                failures.append(f"{name} relative error {error:.3g} against the plain layer's")
+            failure = rounding_failure(name, a, p, 1e3 * np.finfo(a.dtype).eps)
+            if failure:
+                failures.append(failure)
         elif (a.shape != p.shape or a.dtype != p.dtype
               or not np.array_equal(a, p, equal_nan=True)):
             failures.append(f"{name} != plain layer's ({_describe_difference(a, p)})")
@@ -560,13 +577,8 @@ def run_tensorflow(case):
             run = tf.function(run, jit_compile=True)
         z, gx, gk, gb = (None if t is None else t.numpy() for t in run(*args))
         outs[name] = jax_results(case, z, gx, gk, gb if case.bias else None)
-    if empty_conv:
-        # TF's CPU conv returns its input's shape for an empty batch of unknown size (the
-        # plain op's own bug, which can fail its bias add): what an empty batch should
-        # give instead.
-        dtype = np.dtype(case.dtype)
-        outs["plain"] = {"z": np.zeros(case.z_shape, dtype), "grad_x": np.zeros(x.shape, dtype),
-                         "grad_b": np.zeros(case.out_features, dtype) if case.bias else None}
+    if empty_conv:  # the plain op's own bug can also fail its bias add
+        outs["plain"] = empty_batch_results(case)
     check(case, outs["tract"], outs["plain"], reference(case, tf_patch_rows(case, x), r))
 
 
@@ -671,8 +683,6 @@ def run_keras(case):
     x64 = contextlib.nullcontext()
     if backend == "jax":
         x64 = need("jax").enable_x64(case.dtype == "float64")
-    # TF's CPU conv returns its input's shape for an empty batch, and its filter gradient
-    # can fail there (the plain layer's bugs): what an empty batch should give instead.
     empty_conv = backend == "tensorflow" and case.batch == 0 and case.kind == "conv"
     plain_error = None
     with x64:
@@ -683,10 +693,7 @@ def run_keras(case):
             close = ("grad_b",)
         for name, tract in (("tract", True), ("plain", False)):
             if empty_conv and not tract:
-                dtype = np.dtype(case.dtype)
-                outs[name] = {"z": np.zeros(case.z_shape, dtype),
-                              "grad_x": np.zeros(case.x_shape, dtype),
-                              "grad_b": np.zeros(case.out_features, dtype) if case.bias else None}
+                outs[name] = empty_batch_results(case)
                 continue
             plain_format = data_format
             if not tract and backend == "tensorflow" and data_format == "channels_first":
@@ -715,12 +722,10 @@ def run_keras(case):
         # Keras's torch backend computes a float64 Dense in float32 (its own bug, the
         # plain layer's), whatever dtype it returns: values agree to float32 rounding.
         for name in ("z", "grad_x"):
-            got, want = tract[name], plain[name].astype(tract[name].dtype)
-            finite = np.isfinite(want)
-            assert np.array_equal(np.isfinite(got), finite), f"{case}: {name} NaN/Inf differ"
-            error = fuzz.relative_error(got[finite], want[finite])
-            assert error <= 1e-5, f"{case}: {name} relative error {error:.3g}"
-            plain[name] = got
+            failure = rounding_failure(name, tract[name], plain[name].astype(tract[name].dtype),
+                                       1e-5)
+            assert not failure, f"{case}: {failure}"
+            plain[name] = tract[name]
     if backend == "jax":  # the reference in float64 whatever the case's dtype
         with need("jax").enable_x64(True):
             patch_rows = keras_patch_rows(case, x)

@@ -166,12 +166,11 @@ def _convolution(x, kernel, strides, padding, dilation):
 _xla_convolution = tf.function(_convolution, jit_compile=True, autograph=False)
 
 
-def _plain_conv(x, kernel, padding, pads, strides, dilation, groups):
+def _plain_conv(x, kernel, padding, pads, out, strides, dilation, groups):
     """The plain channels-last convolution as Keras runs it: ``tf.nn.convolution`` with
     'SAME'/'VALID', or ``tf.pad`` then 'VALID' for pairs and 'SAME_LOWER'. Strides > 1
-    with dilation > 1 (which it refuses) run at stride 1, keeping every stride-th output."""
-    padded = [s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], pads)]
-    out = (*_tc.conv_output_shape(padded, kernel.shape[:-2], strides, dilation), kernel.shape[-1])
+    with dilation > 1 (which it refuses) run at stride 1, keeping every stride-th output.
+    ``out``: the output's shape past the batch axis, (*out_spatial, M)."""
     subsample = max(strides) > 1 and max(dilation) > 1
     if padding not in ("SAME", "VALID") or subsample:
         x = tf.pad(x, [(0, 0), *pads, (0, 0)])
@@ -193,8 +192,9 @@ def _plain_conv(x, kernel, padding, pads, strides, dilation, groups):
 
 
 def _conv_options(x, kernel, strides, padding, kernel_dilation, feature_group_count):
-    """The checked options of `conv`: the padding as named, then per spatial axis the
-    (lo, hi) pads, strides and dilation, then the groups."""
+    """The checked options of `conv`: the padding as named, per spatial axis the (lo, hi)
+    pads, the output's shape past the batch axis (*out_spatial, M), then per spatial axis
+    strides and dilation, then the groups."""
     rank = kernel.shape.rank
     if rank not in (3, 4, 5) or not kernel.shape.is_fully_defined() or 0 in kernel.shape:
         raise ValueError(f"kernel must have a static shape (*window, C/groups, M) with 1 to 3 "
@@ -217,11 +217,12 @@ def _conv_options(x, kernel, strides, padding, kernel_dilation, feature_group_co
     size = tuple(x.shape[1:-1])
     pads = resolve_pads(padding, size, window, strides, dilation)
     padded = tuple(s + lo + hi for s, (lo, hi) in zip(size, pads))
-    if min(_tc.conv_output_shape(padded, window, strides, dilation)) < 1:
+    out = _tc.conv_output_shape(padded, window, strides, dilation)
+    if min(out) < 1:
         # tf.nn.convolution would return an empty output, and Keras refuses it.
         raise ValueError(f"kernel window {tuple(window)} with kernel_dilation {dilation} does "
                          f"not fit x's spatial shape {size} padded to {padded}")
-    return padding, pads, strides, dilation, int(feature_group_count)
+    return padding, pads, (*out, m), strides, dilation, int(feature_group_count)
 
 
 def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
@@ -257,10 +258,10 @@ def conv(x: tf.types.experimental.TensorLike, kernel: tf.Tensor | tf.Variable,
     """
     lam = _tc.check_lam(lam)
     x, kernel, bias = _operands(x, kernel, bias)
-    padding, pads, *geometry = _conv_options(x, kernel, strides, padding, kernel_dilation,
-                                             feature_group_count)
+    padding, pads, out, *geometry = _conv_options(x, kernel, strides, padding,
+                                                  kernel_dilation, feature_group_count)
     check_bias_shape(None if bias is None else bias.shape, kernel.shape[-1])
-    z = _plain_conv(x, tf.stop_gradient(kernel), padding, pads, *geometry)
+    z = _plain_conv(x, tf.stop_gradient(kernel), padding, pads, out, *geometry)
     window = kernel.shape[:-2]
     d = len(window)
     first = (0, d + 1, *range(1, d + 1))  # the core's layout: channels first

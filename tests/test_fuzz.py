@@ -71,16 +71,30 @@ def _describe_difference(a, p):
     return f"max |diff| {worst:.3g}, NaN pattern differs at {nan_mismatch}"
 
 
-def rounding_failure(name, a, p, tolerance):
-    """Why ``a`` is not ``p`` to rounding (relative error over the finite entries, the
-    same NaN/Inf elsewhere), or None."""
+def rounding_failure(name, a, p, tolerance, scale=None):
+    """Why ``a`` is not ``p`` to rounding, or None: the relative error over the finite
+    entries (or, given ``scale``, the largest ``|a - p|`` over the entry's ``scale``),
+    the same NaN/Inf elsewhere."""
     finite = np.isfinite(p)
     if not np.array_equal(a[~finite], p[~finite], equal_nan=True):
         return f"{name}: NaN/Inf differ from the plain layer's"
-    error = fuzz.relative_error(a[finite], p[finite])
+    if scale is None:
+        error = fuzz.relative_error(a[finite], p[finite])
+    else:
+        diff = np.abs(a.astype(np.float64) - p) / np.where(scale > 0, scale, 1.0)
+        error = float(np.max(diff[finite], initial=0.0))
     if not error <= tolerance:
         return f"{name} relative error {error:.3g} against the plain layer's"
     return None
+
+
+def bias_grad_scale(case):
+    """Per output channel, the sum of |dL/dz| over the rows: the scale of a bias
+    gradient's rounding, which summed in two orders may differ by much more than its
+    own size where the terms cancel."""
+    r = np.abs(fuzz.arrays(case)[3])
+    channel = 1 if case.kind == "conv" else r.ndim - 1
+    return r.sum(axis=tuple(i for i in range(r.ndim) if i != channel))
 
 
 def empty_batch_results(case):
@@ -104,7 +118,8 @@ def check(case, got, plain, reference, close=()):
         if a is None or p is None:
             failures.append(f"{name}: {'missing' if a is None else 'unexpected'}")
         elif name in close and a.shape == p.shape and a.dtype == p.dtype:
-            failure = rounding_failure(name, a, p, 1e3 * np.finfo(a.dtype).eps)
+            scale = bias_grad_scale(case) if name == "grad_b" else None
+            failure = rounding_failure(name, a, p, 1e3 * np.finfo(a.dtype).eps, scale)
             if failure:
                 failures.append(failure)
         elif (a.shape != p.shape or a.dtype != p.dtype
@@ -513,6 +528,38 @@ def tf_plain_conv(case, x, kernel):
     return convolution(x, kernel)
 
 
+def tf_plain_conv_failure(case, x, w, r, runs=30):
+    """Why TF's own convolution in the case's dtype is wrong here, or None. TF's oneDNN
+    CPU kernels (float32) give wrong values for some geometries, the plain layer's as
+    much as TrAct's forward, at times only now and then (one input channel and an output
+    one position wide whose window stops short of the input's end): the plain op and its
+    input gradient, ``runs`` times, against the same op in float64 (other kernels)."""
+    if case.kind != "conv" or case.dtype == "float64" or case.groups > 1 or case.batch == 0:
+        return None
+    if max(case.stride) > 1 and max(case.dilation) > 1:  # not one TF op
+        return None
+    tf, _ = _tf()
+    padded = np.pad(np.nan_to_num(channels_last(x)), [(0, 0), *case.pads, (0, 0)])
+    operands = (padded, fuzz.channels_last_kernel(w), channels_last(r))
+
+    def run(dtype):
+        x, kernel, grad_z = (tf.constant(a, dtype) for a in operands)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z = tf.nn.convolution(x, kernel, case.stride, "VALID", dilations=case.dilation,
+                                  data_format={1: "NWC", 2: "NHWC", 3: "NDHWC"}[case.d])
+        return z.numpy(), tape.gradient(z, x, output_gradients=grad_z).numpy()
+
+    exact = run(tf.float64)
+    for _ in range(runs):
+        for name, got, want in zip(("output", "input gradient"), run(case.dtype), exact):
+            error = fuzz.relative_error(got, want)
+            if not error <= 1e-3:
+                return (f"TF's {case.dtype} convolution is wrong here, the plain layer's too "
+                        f"({name}: relative error {error:.3g} against float64)")
+    return None
+
+
 def tf_ops(case):
     tf, ttf = _tf()
     if case.kind == "dense":
@@ -558,8 +605,9 @@ def run_tensorflow(case):
             tf.constant(_layout_for_jax(case, r), dtype)]
     outs = {}
     empty_conv = case.batch == 0 and case.kind == "conv"
+    plain_failure = tf_plain_conv_failure(case, x, w, r)
     for name, op in zip(("tract", "plain"), tf_ops(case)):
-        if name == "plain" and empty_conv:
+        if name == "plain" and (empty_conv or plain_failure):
             continue  # replaced below
 
         def run(x, k, b, r, op=op):
@@ -579,7 +627,11 @@ def run_tensorflow(case):
         outs[name] = jax_results(case, z, gx, gk, gb if case.bias else None)
     if empty_conv:  # the plain op's own bug can also fail its bias add
         outs["plain"] = empty_batch_results(case)
+    if plain_failure:  # TrAct's kernel gradient checked; no right plain values to compare
+        outs["plain"] = outs["tract"]
     check(case, outs["tract"], outs["plain"], reference(case, tf_patch_rows(case, x), r))
+    if plain_failure:
+        pytest.skip(plain_failure)
 
 
 # --------------------------------------------------------------------------- Keras
@@ -684,7 +736,7 @@ def run_keras(case):
     if backend == "jax":
         x64 = need("jax").enable_x64(case.dtype == "float64")
     empty_conv = backend == "tensorflow" and case.batch == 0 and case.kind == "conv"
-    plain_error = None
+    plain_error = tf_plain_conv_failure(case, x, w, r) if backend == "tensorflow" else None
     with x64:
         outs, close = {}, ()
         if backend == "tensorflow" and case.kind != "dense":
@@ -694,6 +746,9 @@ def run_keras(case):
         for name, tract in (("tract", True), ("plain", False)):
             if empty_conv and not tract:
                 outs[name] = empty_batch_results(case)
+                continue
+            if plain_error and not tract:  # TF's own kernel is wrong: tract's values stand in
+                outs[name] = {**outs["tract"], "grad_w": None}
                 continue
             plain_format = data_format
             if not tract and backend == "tensorflow" and data_format == "channels_first":

@@ -186,15 +186,19 @@ def test_low_precision_accumulates_in_float64(xp, b):
 
 @pytest.mark.parametrize("b", [40, 3])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_and_inf_flow_through_as_nan(xp, b, bad):
-    """Loss scalers need NaN/Inf gradients back, never an exception."""
+@pytest.mark.parametrize("m, dtype", [(2, "float64"), (24, "float32")],
+                         ids=["G^T X", "whitened rows"])
+def test_nan_and_inf_flow_through_as_nan(xp, b, bad, m, dtype):
+    """Loss scalers need NaN/Inf gradients back, never an exception (both forms of the
+    n x n product: 24 float32 outputs over 6 inputs take the whitened rows')."""
     rng = np.random.default_rng(5)
-    x, g = rng.standard_normal((b, 6)), rng.standard_normal((b, 2))
+    x, g = rng.standard_normal((b, 6)), rng.standard_normal((b, m))
     x[1, 2] = bad
-    out = to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1))
+    dtype = getattr(xp, dtype)
+    out = to_numpy(tc.weight_grad(asarray(xp, x, dtype), asarray(xp, g, dtype), 0.1))
     assert np.isnan(out).any() and not np.isfinite(out).all()
     g[0, 0], x[1, 2] = bad, 0.0
-    out = to_numpy(tc.weight_grad(asarray(xp, x), asarray(xp, g), 0.1))
+    out = to_numpy(tc.weight_grad(asarray(xp, x, dtype), asarray(xp, g, dtype), 0.1))
     assert not np.isfinite(out).all()
 
 
@@ -218,15 +222,18 @@ def explicit_rows(images, k, s):
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)
 
 
+@pytest.mark.parametrize("m", [8, 256], ids=["m8", "m256"])
 @pytest.mark.parametrize("k, s, size", [(7, 2, 38), (3, 1, 16), (4, 4, 32), (16, 16, 64)],
                          ids=["stem7x7s2", "stem3x3", "patch4", "patch16"])
-def test_float32_pixel_range_smooth_images_match_float64(xp, k, s, size):
+def test_float32_pixel_range_smooth_images_match_float64(xp, k, s, size, m):
     """Smooth [0, 255] images give systems of condition 1e7-1e8: the float32 gradient
-    must still match float64 (statistics in float64), through every core entry point."""
+    must still match float64 (statistics in float64), through every core entry point;
+    with m >= 4 n (m256 on the 3x3 stem and 4x4 patches) weight_grad, and for 4x4
+    patches conv_weight_grad, take G^T Z of the whitened rows in float32."""
     rng = np.random.default_rng(9)
     images = np.round(smooth_pixels(rng, (3, 3, size, size)))
     x64 = explicit_rows(images, k, s)
-    g64 = rng.standard_normal((x64.shape[0], 8))
+    g64 = rng.standard_normal((x64.shape[0], m))
     b, n = x64.shape
     assert np.linalg.cond(x64.T @ x64 / b + 0.1 * np.eye(n)) > 1e6  # the hard case
     with float64_enabled(xp):
@@ -234,7 +241,7 @@ def test_float32_pixel_range_smooth_images_match_float64(xp, k, s, size):
 
 
 def check_smooth_images(xp, images, x64, g64, k, s, size):
-    b, n = x64.shape
+    (b, n), m = x64.shape, g64.shape[1]
     x32, g32 = asarray(xp, x64, xp.float32), asarray(xp, g64, xp.float32)
     x32_64 = to_numpy(x32).astype(np.float64)  # the float32 data, exactly
     expected = np.linalg.solve(x32_64.T @ x32_64 / b + 0.1 * np.eye(n),
@@ -246,7 +253,9 @@ def check_smooth_images(xp, images, x64, g64, k, s, size):
     assert_close(tc.precondition(plain, tc.gram(x32), b, 0.1), expected, 1e-6, "precondition")
     padded = asarray(xp, images, xp.float32)
     out = (size - k) // s + 1
-    grads = asarray(xp, g64.reshape(3, out, out, 8).transpose(0, 3, 1, 2), xp.float32)
+    grads = asarray(xp, g64.reshape(3, out, out, m).transpose(0, 3, 1, 2), xp.float32)
+    direct = tc.conv_weight_grad(padded, grads, (k, k), (s, s), (1, 1))
+    assert_close(direct[0], expected, 1e-6, "conv_weight_grad")
     plain, gram = tc.conv_moments(padded, grads, (k, k), (s, s), (1, 1))
     assert gram.dtype == xp.float64
     assert_close(tc.precondition(plain, gram, b, 0.1)[0], expected, 1e-6, "conv_moments")

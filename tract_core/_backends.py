@@ -3,14 +3,15 @@
 The core writes TrAct's math once against the array API; what the standard lacks or a
 library does better is here, one small class per library, picked from the arrays'
 namespace and importing only what the caller already imported (as einops picks its
-backends): ``spd_solve`` (Cholesky and two triangular solves, NaN/Inf giving NaN with no
-host round trip), ``has_float64``, ``device`` (where new arrays go), ``constant`` (numpy
-index arrays on the device, once per device in eager PyTorch), ``filter_grad`` (the
-library's conv weight-gradient kernel) and ``correlate`` (the same at stride 1, for the
-structured Gram), ``few_patch_entries`` (up to which explicit patches beat that kernel),
+backends): ``cholesky`` (NaN/Inf or a failed factorization giving NaN, with no host
+round trip) and ``solve_triangular``, of which ``spd_solve`` is made once,
+``has_float64``, ``device`` (where new arrays go), ``constant`` (numpy index arrays on
+the device, once per device in eager PyTorch), ``filter_grad`` (the library's conv
+weight-gradient kernel) and ``correlate`` (the same at stride 1, for the structured
+Gram), ``few_patch_entries`` (up to which explicit patches beat that kernel),
 ``patch_chunk`` (patch and gradient entries cast to float64 at once), ``batch_size`` and
-``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A
-namespace with its own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
+``sum_over_chunks`` (batches of unknown size in TensorFlow graphs). A namespace with its
+own ``spd_solve`` (the TensorFlow adapter's) is its own backend.
 """
 
 from __future__ import annotations
@@ -50,15 +51,25 @@ class _Generic:
         return self.xp.asarray(array, dtype=dtype, device=device)
 
     def spd_solve(self, a, rhs):
-        """``a^-1 rhs`` for symmetric positive definite ``a`` (..., n, n), rhs (..., n, k)."""
+        """``a^-1 rhs`` for symmetric positive definite ``a`` (..., n, n), rhs (..., n, k):
+        Cholesky ``a = L L^T``, then ``L^-T (L^-1 rhs)``."""
+        factor = self.cholesky(a)
+        return self.solve_triangular(factor, self.solve_triangular(factor, rhs), transpose=True)
+
+    def cholesky(self, a):
+        """Lower factor L of SPD ``a`` (..., n, n), ``a = L L^T``; all NaN where ``a`` is
+        not finite."""
         xp = self.xp
-        if not bool(xp.all(xp.isfinite(a))):  # eager libraries only: NaN/Inf give NaN
-            device = self.device(rhs)
-            return xp.full(rhs.shape, math.nan, dtype=rhs.dtype, device=device)
-        chol = xp.linalg.cholesky(a)
-        # Triangular systems solved as general ones: no triangular solve in the standard.
-        half = xp.linalg.solve(chol, rhs)
-        return xp.linalg.solve(xp.linalg.matrix_transpose(chol), half)
+        if not bool(xp.all(xp.isfinite(a))):  # eager libraries only
+            return xp.full(a.shape, math.nan, dtype=a.dtype, device=self.device(a))
+        return xp.linalg.cholesky(a)
+
+    def solve_triangular(self, factor, rhs, transpose=False):
+        """``L^-1 rhs``, or ``L^-T rhs`` if ``transpose``, for lower triangular ``factor`` L
+        (..., n, n) and rhs (..., n, k)."""
+        xp = self.xp
+        # Solved as a general system: the standard has no triangular solve.
+        return xp.linalg.solve(xp.linalg.matrix_transpose(factor) if transpose else factor, rhs)
 
     def correlate(self, g, y, shifts):
         """out[i, j, u] = sum_{n, q} g[n, i, q] y[n, j, q + u] for u < shifts per axis."""
@@ -111,14 +122,17 @@ class _Torch(_Generic):
     def has_float64(device):
         return getattr(device, "type", device) != "mps"  # Apple GPUs have no float64
 
-    def spd_solve(self, a, rhs):
+    def cholesky(self, a):
         torch = self.torch
         # cholesky_ex never raises nor syncs with the host: failures and NaN/Inf become NaN.
-        chol, info = torch.linalg.cholesky_ex(a)
-        out = torch.cholesky_solve(rhs, chol)
+        factor, info = torch.linalg.cholesky_ex(a)
         failed = (info != 0)[..., None, None]
         poison = a.sum(dim=(-2, -1), keepdim=True) * 0  # NaN/Inf anywhere in a -> NaN
-        return torch.where(failed, torch.nan, out) + poison
+        return torch.where(failed, torch.nan, factor) + poison
+
+    def solve_triangular(self, factor, rhs, transpose=False):
+        solve = self.torch.linalg.solve_triangular
+        return solve(factor.mT, rhs, upper=True) if transpose else solve(factor, rhs, upper=False)
 
     def filter_grad(self, x, grad_z, kernel_size, stride, dilation, groups):
         """The conv's ``G^T X`` as (M, C / groups, *kernel_size), x already padded."""
@@ -153,12 +167,13 @@ class _Jax(_Generic):
         found = array_api_compat.device(a)
         return found if isinstance(found, self.jax.Device) else None
 
-    def spd_solve(self, a, rhs):
+    def cholesky(self, a):
         # jnp's Cholesky returns NaN where the factorization fails; that flows on.
-        chol = self.xp.linalg.cholesky(a)
-        solve = self.jax.lax.linalg.triangular_solve
-        half = solve(chol, rhs, left_side=True, lower=True)
-        return solve(chol, half, left_side=True, lower=True, transpose_a=True)
+        return self.xp.linalg.cholesky(a)
+
+    def solve_triangular(self, factor, rhs, transpose=False):
+        return self.jax.lax.linalg.triangular_solve(factor, rhs, left_side=True, lower=True,
+                                                    transpose_a=transpose)
 
     def filter_grad(self, x, grad_z, kernel_size, stride, dilation, groups):
         lax = self.jax.lax

@@ -12,7 +12,17 @@ b x b system::
 
     dW = G^T (X X^T / b + lam I)^-1 X
 
-Products and solve run in float64 where the library has it (`statistics_dtype`).
+Products and solve run in float64 where the library has it (`statistics_dtype`). With
+A = L L^T and the rows whitened, Z = X L^-T, the same gradient is::
+
+    dW = (G^T Z) L^-1
+
+Z's columns have comparable scales whatever A's condition, so its product with G keeps
+float32's relative accuracy where G^T X would not: for a float32 layer with many more
+outputs than inputs (m >= 4 n) and rows that are cheap to form twice (dense rows,
+patches that do not overlap) this takes the large product in float32, with no float64
+copy of G.
+
 Leading batch axes are one system each (conv groups). The one rule every adapter
 follows is here: which form to solve, how a conv's statistics are gathered, and where
 statistics are summed over replicas.
@@ -98,15 +108,20 @@ def precondition(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
     lam = check_lam(lam)
     xp = xp or namespace(grad_w, gram)
     gw, gram = _in_statistics_dtype(xp, grad_w, gram)
+    # grad_w A^-1 = (A^-1 grad_w^T)^T since A is symmetric.
+    out = _mT(xp, backend(xp).spd_solve(_system(xp, gram, count, lam), _mT(xp, gw)))
+    return xp.astype(out, grad_w.dtype, copy=False)
+
+
+def _system(xp, gram, count, lam):
+    """A = X^T X / b + lam I from the Gram and the row count b (0 rows: lam I)."""
     _check_lam_fits(xp, lam, gram.dtype)
     if isinstance(count, numbers.Number):
         count = max(count, 1)  # b = 0: a zero Gram over one row, lam I, a zero result
     else:
         count = xp.where(count > 0, xp.astype(count, gram.dtype), 1.0)
     eye = xp.eye(gram.shape[-1], dtype=gram.dtype, device=backend(xp).device(gram))
-    # grad_w A^-1 = (A^-1 grad_w^T)^T since A is symmetric.
-    out = _mT(xp, backend(xp).spd_solve(gram / count + lam * eye, _mT(xp, gw)))
-    return xp.astype(out, grad_w.dtype, copy=False)
+    return gram / count + lam * eye
 
 
 def pack_statistics(grad_w: Array, gram: Array, count: int | Array, lam: float, *,
@@ -210,16 +225,45 @@ def uses_push_through(rows: int | Array, n: int, replica_sum: ReplicaSum | None 
     return replica_sum is None and isinstance(rows, int) and 0 < rows < n
 
 
-def _tract(xp, rows, n, lam, moments, rows_and_grads, replica_sum):
-    """TrAct's gradient by the rule above, from ``moments()`` = (G^T X, X^T X) for the
-    n x n form, the Gram and row count summed by ``replica_sum(gram, count)`` (data
-    parallelism: the replicas' gradients are then summed as a plain layer's are)."""
+def _uses_whitened_rows(xp, n, m, dtype):
+    """The rule for the n x n form's product: G^T Z in float32 (see above) for a layer of
+    float32 or narrower ``dtype`` whose statistics are float64, when m >= 4 n: half the
+    cost of a float64 G^T X, and its float64 copy of G, then clearly outweigh forming the
+    rows a second time and Z's triangular solve (b n^2 / 2). Else G^T X in the
+    statistics dtype."""
+    return (m >= 4 * n and xp.finfo(dtype).bits <= 32
+            and xp.finfo(statistics_dtype(xp, dtype)).bits == 64)
+
+
+def _whitened_product(xp, x, grad_z, factor):
+    """``Z^T G`` (..., n, m) of rows x (..., b, n) and grad_z (..., b, m), Z = X L^-T
+    formed in ``factor`` L's dtype, the product taken in float32 and returned in L's."""
+    z_t = backend(xp).solve_triangular(factor, _mT(xp, xp.astype(x, factor.dtype)))
+    product = xp.matmul(xp.astype(z_t, xp.float32), xp.astype(grad_z, xp.float32, copy=False))
+    return xp.astype(product, factor.dtype)
+
+
+def _tract(xp, rows, n, lam, moments, rows_and_grads, replica_sum, whitened=None):
+    """TrAct's gradient by the rules above, from ``moments()`` = (G^T X, X^T X) for the
+    n x n form, or, where the rows are cheap to form twice, ``whitened`` = (gram,
+    product): ``gram()`` and ``product(L)`` = Z^T G. The Gram and row count are summed
+    by ``replica_sum(gram, count)`` (data parallelism: the replicas' gradients are then
+    summed as a plain layer's are)."""
     if uses_push_through(rows, n, replica_sum):
         return _push_through(xp, *rows_and_grads(), lam)
-    plain, gram_ = moments()
+    if whitened is None:
+        plain, gram_ = moments()
+        if replica_sum is not None:
+            gram_, rows = replica_sum(gram_, rows)
+        return precondition(plain, gram_, rows, lam, xp=xp)
+    gram_fn, product = whitened
+    gram_ = gram_fn()
     if replica_sum is not None:
         gram_, rows = replica_sum(gram_, rows)
-    return precondition(plain, gram_, rows, lam, xp=xp)
+    found = backend(xp)
+    factor = found.cholesky(_system(xp, gram_, rows, lam))
+    # dW^T = L^-T Z^T G
+    return _mT(xp, found.solve_triangular(factor, product(factor), transpose=True))
 
 
 def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
@@ -246,10 +290,14 @@ def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
     statistics_dtype(xp, grad_z.dtype, name="grad_z")
     if x.dtype != grad_z.dtype:
         raise TypeError(f"x and grad_z must share a dtype, got {x.dtype} and {grad_z.dtype}")
-    xs, gs = _in_statistics_dtype(xp, x, grad_z)
     rows = backend(xp).batch_size(x) if x.ndim == 2 else x.shape[-2]
-    out = _tract(xp, rows, x.shape[-1], lam, lambda: moments(xs, gs, xp=xp),
-                 lambda: (xs, gs), replica_sum)
+    n, m = x.shape[-1], grad_z.shape[-1]
+    whitened = None
+    if _uses_whitened_rows(xp, n, m, x.dtype):
+        whitened = (lambda: gram(x, xp=xp),
+                    lambda factor: _whitened_product(xp, x, grad_z, factor))
+    out = _tract(xp, rows, n, lam, lambda: moments(x, grad_z, xp=xp),
+                 lambda: _in_statistics_dtype(xp, x, grad_z), replica_sum, whitened)
     return xp.astype(out, x.dtype, copy=False)
 
 
@@ -313,5 +361,12 @@ def conv_weight_grad(x: Array, grad_z: Array, kernel_size: Sequence[int],
     def moments():
         return conv_moments(x, grad_z, kernel_size, stride, dilation, groups, xp=xp)
 
-    out = _tract(xp, rows, n_g, lam, moments, rows_and_grads, replica_sum)
+    geometry = (kernel_size, stride, dilation, groups)
+    whitened = None
+    if _patches.disjoint_patches(*geometry[:3]) and _uses_whitened_rows(xp, n_g, m // groups,
+                                                                        x.dtype):
+        whitened = (lambda: _patches.disjoint_patch_gram(x, *geometry, xp=xp),
+                    lambda factor: _patches.disjoint_whitened_product(x, grad_z, factor,
+                                                                      *geometry, xp=xp))
+    out = _tract(xp, rows, n_g, lam, moments, rows_and_grads, replica_sum, whitened)
     return xp.astype(out, x.dtype, copy=False)

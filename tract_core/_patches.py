@@ -99,26 +99,21 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     m = grad_z.shape[1]
     n_g = x.shape[1] // groups * math.prod(kernel_size)
     positions = math.prod(grad_z.shape[2:])
-    disjoint = disjoint_patches(kernel_size, stride, dilation)
-
+    geometry = (kernel_size, stride, dilation, groups)
     dtype = statistics_dtype(xp, x.dtype, backend(xp).device(x))
 
     def products(x, grad_z):
-        # Cast here, a chunk at a time: a float64 copy of the whole input and gradient
-        # would cost more memory than the chunk's patches.
-        patches = _image_patches(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
-                                 dilation, groups)
-        grads = xp.reshape(grad_z, (-1, groups, m // groups, positions))
-        if disjoint:  # patches already a transposed copy: one (g, n_g, b) matrix
-            columns = xp.reshape(xp.permute_dims(patches, (1, 2, 0, 3)), (groups, n_g, -1))
-            # Reordered before the cast: the copy moves half the bytes.
-            grads = xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (groups, m // groups, -1))
+        if disjoint_patches(kernel_size, stride, dilation):
+            columns, grads = _disjoint_columns(xp, x, grad_z, *geometry, dtype)
             grads = xp.astype(grads, dtype, copy=False)
             return (xp.matmul(columns, xp.linalg.matrix_transpose(grads)),
                     rows_gram(xp, xp.linalg.matrix_transpose(columns)))
+        # Cast here, a chunk at a time: a float64 copy of the whole input and gradient
+        # would cost more memory than the chunk's patches.
+        patches = _image_patches(xp, xp.astype(x, dtype, copy=False), *geometry)
         # Overlapping: per-image products, no transposed copy of patches or gradients.
         flat = xp.reshape(patches, (-1, n_g, positions))  # one batch axis: (images g)
-        grads = xp.astype(xp.reshape(grads, (-1, m // groups, positions)), dtype, copy=False)
+        grads = xp.astype(xp.reshape(grad_z, (-1, m // groups, positions)), dtype, copy=False)
         moment = xp.matmul(flat, xp.linalg.matrix_transpose(grads))  # X^T G: faster
         gram = xp.matmul(flat, xp.linalg.matrix_transpose(flat))
         return (xp.sum(xp.reshape(moment, (-1, groups, n_g, m // groups)), axis=0),
@@ -128,6 +123,60 @@ def patch_moments(x, grad_z, kernel_size, stride, dilation, groups=1, *, xp=None
     images = images_per_chunk(found, x, grad_z, kernel_size)
     moment, gram = found.sum_over_chunks(products, (x, grad_z), images)
     return xp.linalg.matrix_transpose(moment), gram
+
+
+def disjoint_patch_gram(x, kernel_size, stride, dilation, groups=1, *, xp=None):
+    """``X^T X`` (groups, n_g, n_g) of a convolution whose patches do not overlap, in the
+    statistics dtype, by chunks of images of about ``patch_chunk`` patch entries."""
+    xp = xp or namespace(x)
+    geometry = (kernel_size, stride, dilation, groups)
+    dtype = statistics_dtype(xp, x.dtype, backend(xp).device(x))
+
+    def gram(x):
+        columns = _disjoint_columns(xp, x, None, *geometry, dtype)[0]
+        return (rows_gram(xp, xp.linalg.matrix_transpose(columns)),)
+
+    found = backend(xp)
+    images = max(1, found.patch_chunk // max(1, math.prod(x.shape[1:])))
+    return found.sum_over_chunks(gram, (x,), images)[0]
+
+
+def disjoint_whitened_product(x, grad_z, factor, kernel_size, stride, dilation, groups=1, *,
+                              xp=None):
+    """``Z^T G`` (groups, n_g, M/g) of a convolution whose patches do not overlap, with
+    Z = X L^-T the rows whitened by ``factor`` L (groups, n_g, n_g), the lower Cholesky
+    factor of the system. Z is formed in L's dtype (float64) and the product, the large
+    one, taken in float32: Z's columns have comparable scales whatever the system's
+    condition, so float32 keeps its relative accuracy there. Summed over chunks of
+    images in L's dtype."""
+    xp = xp or namespace(x, grad_z)
+    geometry = (kernel_size, stride, dilation, groups)
+    found = backend(xp)
+
+    def product(x, grad_z):
+        columns, grads = _disjoint_columns(xp, x, grad_z, *geometry, factor.dtype)
+        whitened = xp.astype(found.solve_triangular(factor, columns), xp.float32)  # Z^T
+        grads = xp.astype(grads, xp.float32, copy=False)
+        return (xp.astype(xp.matmul(whitened, xp.linalg.matrix_transpose(grads)),
+                          factor.dtype),)
+
+    images = images_per_chunk(found, x, grad_z, kernel_size)
+    return found.sum_over_chunks(product, (x, grad_z), images)[0]
+
+
+def _disjoint_columns(xp, x, grad_z, kernel_size, stride, dilation, groups, dtype):
+    """A chunk's disjoint patches as (groups, n_g, b) columns in ``dtype`` (the patches
+    already a transposed copy) and, with ``grad_z``, its gradient as (groups, M/g, b),
+    reordered before any cast: the copy moves half the bytes."""
+    n_g = x.shape[1] // groups * math.prod(kernel_size)
+    patches = _image_patches(xp, xp.astype(x, dtype, copy=False), kernel_size, stride,
+                             dilation, groups)
+    columns = xp.reshape(xp.permute_dims(patches, (1, 2, 0, 3)), (groups, n_g, -1))
+    if grad_z is None:
+        return columns, None
+    m = grad_z.shape[1]
+    grads = xp.reshape(grad_z, (-1, groups, m // groups, math.prod(grad_z.shape[2:])))
+    return columns, xp.reshape(xp.permute_dims(grads, (1, 2, 0, 3)), (groups, m // groups, -1))
 
 
 def images_per_chunk(found, x, grad_z, kernel_size):

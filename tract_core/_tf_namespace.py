@@ -171,15 +171,20 @@ class _TFNamespace:
         """The core's numpy index or mask ``array`` as a tensor."""
         return tf.constant(array, dtype=dtype)
 
+    spd_solve = _backends._Generic.spd_solve
+
     @staticmethod
-    def spd_solve(a, rhs):
-        """``a^-1 rhs`` for SPD ``a`` (..., n, n), rhs (..., n, k). A non-finite ``a`` (on
-        which ``tf.linalg.cholesky`` raises outside XLA) gives NaN, with no host round trip."""
+    def cholesky(a):
+        """Lower factor of SPD ``a`` (..., n, n). A non-finite ``a`` (on which
+        ``tf.linalg.cholesky`` raises outside XLA) gives NaN, with no host round trip."""
         finite = tf.reduce_all(tf.math.is_finite(a), axis=[-2, -1], keepdims=True)
         safe = tf.where(finite, a, tf.eye(a.shape[-1], dtype=a.dtype))
         factor = _cholesky(safe) if compiling_with_xla() else tf.linalg.cholesky(safe)
-        solution = tf.linalg.cholesky_solve(factor, rhs)
-        return tf.where(finite, solution, tf.constant(math.nan, dtype=rhs.dtype))
+        return tf.where(finite, factor, tf.constant(math.nan, dtype=a.dtype))
+
+    @staticmethod
+    def solve_triangular(factor, rhs, transpose=False):
+        return tf.linalg.triangular_solve(factor, rhs, lower=True, adjoint=transpose)
 
     @staticmethod
     def filter_grad(x, grad_z, kernel_size, stride, dilation, groups):

@@ -278,7 +278,9 @@ def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
             replicas, or None (one replica).
 
     Returns:
-        (..., m, n) in x's dtype and on its device.
+        (..., m, n) in x's dtype and on its device. Statistics in float64 where the
+        library has it; a float32 x with m >= 4 n takes the product of its whitened
+        rows in float32 (module docstring): within a few float32 roundings either way.
     """
     lam = check_lam(lam)
     xp = xp or namespace(x, grad_z)
@@ -344,7 +346,8 @@ def conv_weight_grad(x: Array, grad_z: Array, kernel_size: Sequence[int],
 
     Returns:
         (groups, M/g, n_g), n_g = C/g x prod(kernel_size), in x's dtype:
-        ``weight.reshape(groups, M/g, n_g)``'s layout.
+        ``weight.reshape(groups, M/g, n_g)``'s layout. Patches that do not overlap take
+        the whitened rows' product as `weight_grad` does.
     """
     lam = check_lam(lam)
     xp = xp or namespace(x, grad_z)

@@ -49,7 +49,7 @@ STEMS = {
     "stem7x7/2": (3, 16, 7, 2, 3, "same", (32, 48, 64), (2, 3, 4)),
     "stem3x3": (3, 16, 3, 1, 1, "same", (32, 40), (2, 3)),
     "vit16": (3, 24, 16, 16, 0, "valid", (64,), (2,)),
-    "vit4": (3, 24, 4, 4, 0, "valid", (32,), (2, 4)),
+    "vit4": (3, 384, 4, 4, 0, "valid", (32,), (2, 4)),  # the paper's CIFAR ViT: m >= 4n
 }
 # Which modes run the stems (every stem once each), and which stems run compiled.
 STEM_MODES = {
@@ -519,6 +519,11 @@ OPTIONS = [
     ("Empty batch (N = 0)", lambda c: c.batch == 0),
     ("b < n (b x b form)", lambda c: 0 < c.rows < c.row_width),
     ("b >= n", lambda c: c.rows >= c.row_width),
+    ("Whitened rows (float32, m >= 4n, rows not overlapping)", lambda c: (
+        c.dtype == "float32" and c.rows >= c.row_width
+        and c.out_features // c.groups >= 4 * c.row_width
+        and (c.kind == "dense" or all(k <= s and (k == 1 or d == 1)
+                                      for k, s, d in zip(c.kernel, c.stride, c.dilation))))),
     ("Odd spatial size", lambda c: any(s % 2 for s in c.spatial)),
     ("Channels-last input", lambda c: c.layout == "channels_last"),
     ("Channels-first layer", lambda c: c.layout == "channels_first"),

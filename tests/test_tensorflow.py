@@ -358,10 +358,10 @@ def conv_reference(x, grad_z, window, strides=None, dilation=None, pads=None, gr
     return to_tf_kernel(weight.reshape(m, x.shape[-1] // groups, *window))
 
 
-def kernel_grad_fn(mode, kernel, x_shape, grad_z_shape, **options):
+def kernel_grad_fn(mode, kernel, x_shape, grad_z_shape, dtype=tf.float64, **options):
     """(x, grad_z) -> TrAct's conv kernel gradient, eager or traced with the batch size
     unknown (as Keras traces), with or without XLA."""
-    kernel = tf.constant(kernel)
+    kernel = tf.constant(kernel, dtype)
 
     def run(x, grad_z):
         with tf.GradientTape() as tape:
@@ -371,9 +371,30 @@ def kernel_grad_fn(mode, kernel, x_shape, grad_z_shape, **options):
 
     if mode == "eager":
         return run
-    unknown = [tf.TensorSpec((None, *x_shape[1:]), tf.float64),
-               tf.TensorSpec((None, *grad_z_shape[1:]), tf.float64)]
+    unknown = [tf.TensorSpec((None, *x_shape[1:]), dtype),
+               tf.TensorSpec((None, *grad_z_shape[1:]), dtype)]
     return tf.function(run, input_signature=unknown, jit_compile=mode == "xla")
+
+
+@pytest.mark.parametrize("batch", [5, 0])
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_whitened_rows_match_reference(mode, batch):
+    """A float32 patch embedding with m >= 4n (2x2 patches of 3 pixel-range channels,
+    64 filters) takes G^T Z of its whitened rows in float32: the float64 gradient to a
+    few float32 roundings, eagerly and traced with an unknown batch size (chunked
+    statistics, the row count a tensor), with or without XLA; no rows give zero."""
+    rng = np.random.default_rng(11)
+    x = np.round(rng.uniform(0, 255, (batch, 8, 8, 3))).astype(np.float32)
+    kernel = rng.standard_normal((2, 2, 3, 64)).astype(np.float32)
+    grad_z = rng.standard_normal((batch, 4, 4, 64)).astype(np.float32)
+    run = kernel_grad_fn(mode, kernel, x.shape, grad_z.shape, tf.float32, strides=2, lam=0.1)
+    grad_kernel = run(tf.constant(x), tf.constant(grad_z))
+    assert grad_kernel.dtype == tf.float32
+    if batch == 0:
+        np.testing.assert_array_equal(grad_kernel.numpy(), np.zeros(kernel.shape))
+        return
+    expected = conv_reference(x.astype(np.float64), grad_z.astype(np.float64), (2, 2), (2, 2))
+    assert_close(grad_kernel, expected, 1e-6)
 
 
 def test_conv3d_eager_input_gradient_is_the_plain_ops():

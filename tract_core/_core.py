@@ -235,14 +235,6 @@ def _uses_whitened_rows(xp, n, m, dtype):
             and xp.finfo(statistics_dtype(xp, dtype)).bits == 64)
 
 
-def _whitened_product(xp, x, grad_z, factor):
-    """``Z^T G`` (..., n, m) of rows x (..., b, n) and grad_z (..., b, m), Z = X L^-T
-    formed in ``factor`` L's dtype, the product taken in float32 and returned in L's."""
-    z_t = backend(xp).solve_triangular(factor, _mT(xp, xp.astype(x, factor.dtype)))
-    product = xp.matmul(xp.astype(z_t, xp.float32), xp.astype(grad_z, xp.float32, copy=False))
-    return xp.astype(product, factor.dtype)
-
-
 def _tract(xp, rows, n, lam, moments, rows_and_grads, replica_sum, whitened=None):
     """TrAct's gradient by the rules above, from ``moments()`` = (G^T X, X^T X) for the
     n x n form, or, where the rows are cheap to form twice, ``whitened`` = (gram,
@@ -297,7 +289,8 @@ def weight_grad(x: Array, grad_z: Array, lam: float = 0.1, *,
     whitened = None
     if _uses_whitened_rows(xp, n, m, x.dtype):
         whitened = (lambda: gram(x, xp=xp),
-                    lambda factor: _whitened_product(xp, x, grad_z, factor))
+                    lambda factor: _patches.whitened_product(
+                        xp, _mT(xp, xp.astype(x, factor.dtype)), grad_z, factor))
     out = _tract(xp, rows, n, lam, lambda: moments(x, grad_z, xp=xp),
                  lambda: _in_statistics_dtype(xp, x, grad_z), replica_sum, whitened)
     return xp.astype(out, x.dtype, copy=False)

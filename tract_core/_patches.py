@@ -151,17 +151,23 @@ def disjoint_whitened_product(x, grad_z, factor, kernel_size, stride, dilation, 
     images in L's dtype."""
     xp = xp or namespace(x, grad_z)
     geometry = (kernel_size, stride, dilation, groups)
-    found = backend(xp)
 
     def product(x, grad_z):
         columns, grads = _disjoint_columns(xp, x, grad_z, *geometry, factor.dtype)
-        whitened = xp.astype(found.solve_triangular(factor, columns), xp.float32)  # Z^T
-        grads = xp.astype(grads, xp.float32, copy=False)
-        return (xp.astype(xp.matmul(whitened, xp.linalg.matrix_transpose(grads)),
-                          factor.dtype),)
+        return (whitened_product(xp, columns, xp.linalg.matrix_transpose(grads), factor),)
 
+    found = backend(xp)
     images = images_per_chunk(found, x, grad_z, kernel_size)
     return found.sum_over_chunks(product, (x, grad_z), images)[0]
+
+
+def whitened_product(xp, columns, grads, factor):
+    """``Z^T G`` (..., n, m) of rows given as ``columns`` X^T (..., n, b) in ``factor``
+    L's dtype and grads G (..., b, m): Z^T = L^-1 X^T in L's dtype, the product taken in
+    float32 and returned in L's dtype."""
+    whitened = xp.astype(backend(xp).solve_triangular(factor, columns), xp.float32)
+    product = xp.matmul(whitened, xp.astype(grads, xp.float32, copy=False))
+    return xp.astype(product, factor.dtype)
 
 
 def _disjoint_columns(xp, x, grad_z, kernel_size, stride, dilation, groups, dtype):
